@@ -1,0 +1,164 @@
+"""The router daemon: wires every part into one trio nursery per router.
+
+Shape of the tree (read top to bottom in `run_daemon`):
+    run_daemon
+    ├── signal watcher          SIGTERM/SIGINT → cancel everything, close connections cleanly
+    ├── mesh router             TCP 6783: connections, gossip, routes, connection maker
+    └── HTTP API                127.0.0.1:6784: status, report, connect/forget, metrics, stop
+It must never block the trio loop: slow work (key derivation) runs in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from weavenet import __version__
+from weavenet._fastdp import MeshKey
+from weavenet.api.routes import build_api
+from weavenet.api.server import serve_tcp, serve_unix
+from weavenet.config import Settings
+from weavenet.mesh.peer_name import PeerName
+from weavenet.mesh.router import Router
+from weavenet.store import Store
+
+log = logging.getLogger("weavenet")
+
+PID_FILE = "weavenet.pid"
+LOG_FILE = "weavenet.log"
+
+
+@dataclass
+class Node:
+    """One running router instance, as the API handlers see it."""
+
+    settings: Settings
+    store: Store
+    name: PeerName
+    router: Router
+    started_at: float = field(default_factory=time.time)
+    stop_requested: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+
+def resolve_peer_name(settings: Settings, store: Store) -> PeerName:
+    """The peer name: from --name, else the persisted one, else a fresh random one (persisted)."""
+    if settings.name is not None:
+        store.put_json("peer_name", str(settings.name))
+        return settings.name
+    saved = store.get_json("peer_name")
+    if isinstance(saved, str):
+        try:
+            return PeerName.parse(saved)
+        except ValueError:
+            log.warning("persisted peer name %r is invalid; generating a new one", saved)
+    name = PeerName.random()
+    store.put_json("peer_name", str(name))
+    return name
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def write_pid_file(state_dir: Path) -> Path:
+    """Write our pid atomically (write a temporary file, then rename over the old one)."""
+    path = state_dir / PID_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_pid_file(state_dir: Path) -> int | None:
+    """The pid of a live daemon recorded in `state_dir`, or None."""
+    try:
+        pid = int((state_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+async def _watch_signals(cancel_scope: trio.CancelScope, node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def _watch_stop_request(cancel_scope: trio.CancelScope, node: Node) -> None:
+    await node.stop_requested.wait()
+    log.info("stop requested through the API: shutting down")
+    cancel_scope.cancel()
+
+
+async def run_daemon(settings: Settings) -> None:
+    """Run one router until SIGTERM/SIGINT or `weavenet stop`."""
+    store = Store(settings.state_dir)
+    name = resolve_peer_name(settings, store)
+    mesh_key = None
+    if settings.password:
+        # Argon2id is deliberately slow and memory-hard: keep it off the event loop.
+        mesh_key = await trio.to_thread.run_sync(MeshKey.from_password, settings.password.encode())
+    router = Router(
+        name=name,
+        nickname=settings.nickname,
+        listen_host=settings.host,
+        port=settings.port,
+        mesh_key=mesh_key,
+        store=store,
+        conn_limit=settings.conn_limit,
+        discovery=settings.discovery,
+        trusted_subnets=settings.trusted_subnets,
+    )
+    node = Node(settings=settings, store=store, name=name, router=router)
+    pid_path = write_pid_file(settings.state_dir)
+    log.info(
+        "weavenet %s starting: peer %s(%s), mesh port %d, encryption %s, state in %s",
+        __version__,
+        name,
+        settings.nickname,
+        settings.port,
+        "enabled" if mesh_key else "disabled",
+        settings.state_dir,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, node)
+            nursery.start_soon(_watch_stop_request, nursery.cancel_scope, node)
+            await nursery.start(router.serve)
+            if settings.peers:
+                await router.connect([str(p) for p in settings.peers])
+            if settings.http_addr is not None:
+                api = build_api(node)
+                if settings.http_addr.unix_path:
+                    await nursery.start(serve_unix, api, Path(settings.http_addr.unix_path))
+                else:
+                    await nursery.start(serve_tcp, api, settings.http_addr.host, settings.http_addr.port)
+                log.info("HTTP API on %s", settings.http_addr)
+    finally:
+        pid_path.unlink(missing_ok=True)
+        store.close()
+        log.info("weavenet stopped")

@@ -1,0 +1,1 @@
+"""The mesh: connections and handshake, gossip channels, topology and routes, connection maker."""

@@ -1,0 +1,36 @@
+"""Choosing the overlay MTU from the underlay, so encapsulated frames never fragment.
+
+The overlay MTU is the underlay interface's MTU (the one carrying the default route, or the
+lowest of the routes we know) minus what encapsulation adds. `WEAVE_MTU`/`--mtu` overrides it.
+"""
+
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+
+# Outer IPv4 (20) + UDP (8) + our header + AEAD tag, plus the inner Ethernet header (14) that the
+# overlay MTU does not count. The datapath's exact figure is authoritative once it reports it.
+DEFAULT_OVERHEAD = 20 + 8 + 32 + 16 + 14
+MIN_MTU = 576
+FALLBACK_UNDERLAY_MTU = 1500
+
+
+def underlay_mtu() -> int:
+    """The MTU of the interface carrying the default route (or the largest non-loopback link)."""
+    with IPRoute() as ipr:
+        for route in ipr.get_default_routes():
+            oif = route.get("RTA_OIF")
+            if oif is not None:
+                return int(ipr.get_links(oif)[0].get("IFLA_MTU"))
+        mtus = [
+            int(link.get("IFLA_MTU"))
+            for link in ipr.get_links()
+            if link.get("IFLA_IFNAME") != "lo" and link.get("IFLA_MTU")
+        ]
+    return max(mtus, default=FALLBACK_UNDERLAY_MTU)
+
+
+def overlay_mtu(override: int | None = None, *, overhead: int = DEFAULT_OVERHEAD) -> int:
+    if override is not None:
+        return override
+    return max(MIN_MTU, underlay_mtu() - overhead)

@@ -1,0 +1,525 @@
+//! The send thread: TAP → UDP. Reads frames (super-frames with vnet headers) from the TAP in
+//! batches, learns local MACs, picks the peer(s) by destination MAC and routes, segments to the
+//! path MTU (answering oversize DF packets with ICMP), packs and seals datagrams per peer and sends
+//! each flush with one sendmmsg (UDP GSO for runs of equal-sized datagrams). It also sends what the
+//! receive thread hands over (relays, re-floods, control replies) and runs the timers: heartbeats,
+//! liveness, PMTU probes and MAC ageing.
+//!
+//! Never blocks on anything but poll (and briefly on a full socket buffer); owns all sealing state,
+//! so no lock guards a key.
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::crypto::Suite;
+use super::fdb::{is_multicast, Mac};
+use super::icmp::{self, TooBig};
+use super::offload::{self, Prepared, VnetHdr, VNET_HDR_LEN};
+use super::peer::{TxPeer, HEARTBEAT_DOWN, HEARTBEAT_UP, PEER_TIMEOUT, PMTU_RESEARCH, PMTU_TRIES, PMTU_WAIT};
+use super::stats::{add, Drop};
+use super::sys::{poll_readable, EventFd};
+use super::tap::Tap;
+use super::udp::{Outgoing, SendScratch, SockAddr, Udp, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+use super::{Cmd, Event, Routes, Shared, TxWork};
+use crate::frame::{Kind, Route, BROADCAST, PMTU_BODY_LEN};
+
+/// Frames read from the TAP per flush.
+const TAP_BATCH: usize = 128;
+/// Flush earlier when this many bytes are queued.
+const FLUSH_BYTES: usize = 1 << 20;
+const TICK: Duration = Duration::from_millis(100);
+const STP: Mac = [0x01, 0x80, 0xc2, 0x00, 0x00, 0x00];
+
+pub struct SendThread {
+    shared: Arc<Shared>,
+    tap: Arc<Tap>,
+    udp: Arc<Udp>,
+    cmds: Receiver<Cmd>,
+    work: Receiver<TxWork>,
+    wake: Arc<EventFd>,
+    suite: Suite,
+    peers: HashMap<u64, TxPeer>,
+    routes: Arc<Routes>,
+    read_buf: Vec<u8>,
+    seg_buf: Vec<u8>,
+    segs: Vec<Range<usize>>,
+    frag_buf: Vec<u8>,
+    frag_segs: Vec<Range<usize>>,
+    icmp_buf: Vec<u8>,
+    scratch: SendScratch,
+    queued_bytes: usize,
+    next_tick: Instant,
+    next_expire: Instant,
+}
+
+/// Where a frame from the TAP goes.
+enum Target {
+    Peer(u64),
+    Flood,
+}
+
+impl SendThread {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        tap: Arc<Tap>,
+        udp: Arc<Udp>,
+        cmds: Receiver<Cmd>,
+        work: Receiver<TxWork>,
+        wake: Arc<EventFd>,
+        suite: Suite,
+    ) -> SendThread {
+        let now = Instant::now();
+        SendThread {
+            shared,
+            tap,
+            udp,
+            cmds,
+            work,
+            wake,
+            suite,
+            peers: HashMap::new(),
+            routes: Arc::default(),
+            read_buf: vec![0u8; VNET_HDR_LEN + 65536],
+            seg_buf: Vec::with_capacity(128 << 10),
+            segs: Vec::new(),
+            frag_buf: Vec::new(),
+            frag_segs: Vec::new(),
+            icmp_buf: Vec::new(),
+            scratch: SendScratch::default(),
+            queued_bytes: 0,
+            next_tick: now,
+            next_expire: now + Duration::from_secs(30),
+        }
+    }
+
+    pub fn run(mut self) {
+        let fds = [self.tap.as_raw_fd(), self.wake.as_raw_fd()];
+        while !self.shared.shutdown.load(Relaxed) {
+            let now = Instant::now();
+            let timeout = self.next_tick.saturating_duration_since(now);
+            let ready = match poll_readable(fds, timeout) {
+                Ok(r) => r,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    [false, false]
+                }
+            };
+            if ready[1] {
+                self.wake.clear();
+            }
+            self.apply_commands();
+            self.drain_work();
+            if ready[0] {
+                self.read_tap();
+            }
+            self.flush();
+            if Instant::now() >= self.next_tick {
+                self.tick(Instant::now());
+                self.flush();
+            }
+        }
+    }
+
+    fn apply_commands(&mut self) {
+        loop {
+            match self.cmds.try_recv() {
+                Ok(Cmd::SetPeer { id, addr, key, stats }) => {
+                    let sa = SockAddr::new(addr, self.udp.is_v6());
+                    let p = TxPeer::new(self.shared.local, id, sa, key, self.suite, stats, self.shared.mtu, Instant::now());
+                    self.peers.insert(id, p);
+                }
+                Ok(Cmd::RemovePeer(id)) => {
+                    self.peers.remove(&id);
+                }
+                Ok(Cmd::Routes(r)) => self.routes = r,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn drain_work(&mut self) {
+        for _ in 0..4096 {
+            let Ok(w) = self.work.try_recv() else {
+                return;
+            };
+            match w {
+                TxWork::Relay { from_hop, origin, destination, frame } => {
+                    self.relay(from_hop, origin, destination, &frame);
+                    self.shared.pool.put(frame);
+                }
+                TxWork::Control { peer, kind, body } => {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.push_control(kind, &body, Instant::now());
+                    }
+                    self.shared.pool.put(body);
+                }
+            }
+            if self.queued_bytes >= FLUSH_BYTES {
+                self.flush();
+            }
+        }
+    }
+
+    fn relay(&mut self, from_hop: u64, origin: u64, destination: u64, frame: &[u8]) {
+        let route = Some(Route { origin, destination });
+        if destination == BROADCAST {
+            let routes = self.routes.clone();
+            let Some(hops) = routes.broadcast_via.get(&origin) else {
+                return;
+            };
+            for &hop in hops {
+                if hop != from_hop && hop != origin {
+                    self.push_to(hop, route, frame, true);
+                    add(&self.shared.stats.flooded, 1);
+                }
+            }
+        } else {
+            match self.routes.unicast.get(&destination).copied() {
+                Some(hop) if hop != from_hop => {
+                    self.push_to(hop, route, frame, true);
+                    add(&self.shared.stats.relayed, 1);
+                }
+                _ => self.shared.stats.drop(Drop::NoRoute, 1),
+            }
+        }
+    }
+
+    /// Queue one wire-ready frame for `hop`, checking it against that path's MTU.
+    fn push_to(&mut self, hop: u64, route: Option<Route>, frame: &[u8], silent_oversize: bool) -> bool {
+        let mtu = self.shared.mtu;
+        let Some(p) = self.peers.get_mut(&hop) else {
+            self.shared.stats.drop(Drop::NoRoute, 1);
+            return false;
+        };
+        if frame.len() - 14 > p.overlay_mtu(mtu) {
+            if silent_oversize {
+                self.shared.stats.drop(Drop::Oversize, 1);
+            }
+            return false;
+        }
+        p.push_frame(route, frame);
+        self.queued_bytes += frame.len();
+        true
+    }
+
+    fn read_tap(&mut self) {
+        for _ in 0..TAP_BATCH {
+            let mut buf = std::mem::take(&mut self.read_buf);
+            let r = self.tap.read(&mut buf);
+            match r {
+                Ok(n) if n > VNET_HDR_LEN => {
+                    add(&self.shared.stats.tap_rx_frames, 1);
+                    add(&self.shared.stats.tap_rx_bytes, (n - VNET_HDR_LEN) as u64);
+                    self.handle_tap_frame(&mut buf[..n]);
+                }
+                Ok(_) => self.shared.stats.drop(Drop::Malformed, 1),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_buf = buf;
+                    return;
+                }
+                Err(_) => {
+                    self.read_buf = buf;
+                    return;
+                }
+            }
+            self.read_buf = buf;
+            if self.queued_bytes >= FLUSH_BYTES {
+                self.flush();
+            }
+        }
+    }
+
+    fn handle_tap_frame(&mut self, raw: &mut [u8]) {
+        let Some(h) = VnetHdr::parse(raw) else {
+            self.shared.stats.drop(Drop::Malformed, 1);
+            return;
+        };
+        let frame = &mut raw[VNET_HDR_LEN..];
+        if frame.len() < 14 {
+            self.shared.stats.drop(Drop::Malformed, 1);
+            return;
+        }
+        let mut dst: Mac = [0; 6];
+        dst.copy_from_slice(&frame[..6]);
+        let mut src: Mac = [0; 6];
+        src.copy_from_slice(&frame[6..12]);
+        if dst == STP {
+            return;
+        }
+        self.shared.learn(src, self.shared.local);
+        let target = if is_multicast(&dst) {
+            Target::Flood
+        } else {
+            match self.shared.fdb.lookup(&dst) {
+                Some(p) if p == self.shared.local => return,
+                Some(p) => Target::Peer(p),
+                None => Target::Flood,
+            }
+        };
+        // Resolve the hop(s) before doing any work on the frame.
+        let (hops, route): (Vec<u64>, Option<Route>) = match target {
+            Target::Peer(dest) => {
+                let hop = self.routes.unicast.get(&dest).copied().or_else(|| self.peers.contains_key(&dest).then_some(dest));
+                match hop {
+                    Some(h) if self.peers.contains_key(&h) => {
+                        let route = (h != dest).then_some(Route { origin: self.shared.local, destination: dest });
+                        (vec![h], route)
+                    }
+                    _ => {
+                        self.shared.stats.drop(Drop::NoRoute, 1);
+                        return;
+                    }
+                }
+            }
+            Target::Flood => {
+                let hops: Vec<u64> = self.routes.broadcast.iter().copied().filter(|h| self.peers.contains_key(h)).collect();
+                if hops.is_empty() {
+                    return;
+                }
+                add(&self.shared.stats.flooded, 1);
+                (hops, Some(Route { origin: self.shared.local, destination: BROADCAST }))
+            }
+        };
+        let flood = matches!(target, Target::Flood);
+        // The path MTU is the smallest over the hops (one per unicast frame).
+        let mtu = hops.iter().filter_map(|h| self.peers.get(h)).map(|p| p.overlay_mtu(self.shared.mtu)).min().unwrap_or(self.shared.mtu);
+        self.seg_buf.clear();
+        self.segs.clear();
+        let prepared = match offload::prepare(frame, &h, &mut self.seg_buf, &mut self.segs) {
+            Ok(p) => p,
+            Err(_) => {
+                self.shared.stats.drop(Drop::Malformed, 1);
+                return;
+            }
+        };
+        if prepared == Prepared::Segmented {
+            add(&self.shared.stats.segmented, 1);
+        }
+        let mut segs = std::mem::take(&mut self.segs);
+        let seg_buf = std::mem::take(&mut self.seg_buf);
+        if prepared == Prepared::Single {
+            segs.clear();
+            segs.push(0..frame.len());
+        }
+        let source: &[u8] = if prepared == Prepared::Single { frame } else { &seg_buf };
+        let mut answered = false;
+        for r in segs.iter() {
+            let f = &source[r.clone()];
+            if f.len() - 14 <= mtu {
+                for &hop in &hops {
+                    self.push_to(hop, route, f, true);
+                }
+                continue;
+            }
+            if flood {
+                self.shared.stats.drop(Drop::Oversize, 1);
+                continue;
+            }
+            match icmp::classify(f) {
+                TooBig::Answer => {
+                    self.shared.stats.drop(Drop::Oversize, 1);
+                    if !answered {
+                        answered = true;
+                        self.answer_too_big(f, mtu);
+                    }
+                }
+                TooBig::Fragmentable => {
+                    self.frag_buf.clear();
+                    self.frag_segs.clear();
+                    if icmp::fragment_ipv4(f, mtu, &mut self.frag_buf, &mut self.frag_segs) {
+                        let fb = std::mem::take(&mut self.frag_buf);
+                        for fr in self.frag_segs.clone() {
+                            for &hop in &hops {
+                                self.push_to(hop, route, &fb[fr.clone()], true);
+                            }
+                        }
+                        self.frag_buf = fb;
+                    } else {
+                        self.shared.stats.drop(Drop::Oversize, 1);
+                    }
+                }
+                TooBig::Drop => self.shared.stats.drop(Drop::Oversize, 1),
+            }
+        }
+        self.segs = segs;
+        self.seg_buf = seg_buf;
+    }
+
+    fn answer_too_big(&mut self, frame: &[u8], mtu: usize) {
+        let mut out = std::mem::take(&mut self.icmp_buf);
+        if icmp::answer(frame, mtu.min(u16::MAX as usize) as u16, &mut out) {
+            let hdr = offload::plain_vnet_hdr();
+            if self.tap.write(&hdr, &out).is_ok() {
+                add(&self.shared.stats.icmp_sent, 1);
+                add(&self.shared.stats.tap_tx_frames, 1);
+            } else {
+                self.shared.stats.drop(Drop::TapError, 1);
+            }
+        }
+        self.icmp_buf = out;
+    }
+
+    /// Seal what is open and send everything queued, one sendmmsg for all peers.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        let mut items: Vec<Outgoing<'_>> = Vec::new();
+        // (peer id, segment count, segment size) per item, for error handling and stats.
+        let mut meta: Vec<(u64, usize, usize)> = Vec::new();
+        for p in self.peers.values_mut() {
+            p.close_open(now, Kind::Data);
+        }
+        for p in self.peers.values() {
+            let d = &p.out.dgrams;
+            let mut i = 0;
+            while i < d.len() {
+                let (start, len) = d[i];
+                let mut j = i + 1;
+                let mut total = len;
+                // A GSO run: equal sizes, the last may be shorter; contiguous in the buffer.
+                while j < d.len()
+                    && j - i < MAX_GSO_SEGMENTS
+                    && d[j].1 <= len
+                    && d[j].0 == d[j - 1].0 + d[j - 1].1
+                    && total + d[j].1 <= MAX_GSO_BYTES
+                {
+                    total += d[j].1;
+                    j += 1;
+                    if d[j - 1].1 < len {
+                        break;
+                    }
+                }
+                let n = j - i;
+                items.push(Outgoing { addr: &p.addr, data: &p.out.buf[start..start + total], segment: if n > 1 { len as u16 } else { 0 } });
+                meta.push((p.id, n, len));
+                add(&p.stats.tx_datagrams, n as u64);
+                add(&p.stats.tx_bytes, total as u64);
+                i = j;
+            }
+        }
+        if !items.is_empty() {
+            let stats = &self.shared.stats;
+            let mut failed: Vec<(u64, usize, i32)> = Vec::new();
+            self.udp.send_batch(&mut self.scratch, &items, &mut |i, e| {
+                let (peer, n, size) = meta[i];
+                stats.drop(Drop::SendError, n as u64);
+                failed.push((peer, size, e.raw_os_error().unwrap_or(0)));
+            });
+            let datagrams: usize = meta.iter().map(|m| m.1).sum();
+            add(&stats.udp_tx_datagrams, datagrams as u64);
+            add(&stats.gso_sends, meta.iter().filter(|m| m.1 > 1).count() as u64);
+            drop(items);
+            for (peer, size, errno) in failed {
+                if errno == libc::EMSGSIZE {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        // The local stack says this size cannot leave: a PMTU probe failed at once,
+                        // or the path shrank under traffic (search again).
+                        if p.pmtu.probe.is_some_and(|pr| pr.0 == size) {
+                            p.pmtu.failed(size);
+                        } else if size <= p.pmtu.good || p.pmtu.done {
+                            p.pmtu = super::peer::PmtuSearch::new(size - 1, now);
+                        }
+                    }
+                }
+            }
+        }
+        for p in self.peers.values_mut() {
+            p.out.buf.clear();
+            p.out.dgrams.clear();
+        }
+        self.queued_bytes = 0;
+    }
+
+    /// Timers: liveness, heartbeats, PMTU search, MAC ageing.
+    fn tick(&mut self, now: Instant) {
+        self.next_tick = now + TICK;
+        let now_ns = self.shared.now_ns();
+        let mtu = self.shared.mtu;
+        let mut events = Vec::new();
+        for p in self.peers.values_mut() {
+            let last = p.stats.last_rx_ns.load(Relaxed);
+            let alive = last != 0 && now_ns.saturating_sub(last) < PEER_TIMEOUT.as_nanos() as u64;
+            if alive != p.stats.up.load(Relaxed) {
+                p.stats.up.store(alive, Relaxed);
+                events.push(if alive { Event::PeerUp(p.id) } else { Event::PeerDown(p.id) });
+                if alive {
+                    p.pmtu = super::peer::PmtuSearch::new(p.max_dgram, now);
+                }
+            }
+            if now >= p.next_heartbeat {
+                p.push_control(Kind::Heartbeat, &now_ns.to_be_bytes(), now);
+                p.next_heartbeat = now + if alive { HEARTBEAT_UP } else { HEARTBEAT_DOWN };
+            }
+            if alive {
+                if let Some(ev) = step_pmtu(p, now, mtu) {
+                    events.push(ev);
+                }
+            }
+        }
+        for e in events {
+            self.shared.events.push(e);
+        }
+        if now >= self.next_expire {
+            self.next_expire = now + Duration::from_secs(30);
+            self.shared.fdb.expire(self.shared.start.elapsed().as_secs());
+        }
+    }
+}
+
+/// Advance one peer's PMTU search; returns an event when it converges.
+fn step_pmtu(p: &mut TxPeer, now: Instant, configured_mtu: usize) -> Option<Event> {
+    let s = &mut p.pmtu;
+    if s.done {
+        if now.duration_since(s.started) >= PMTU_RESEARCH {
+            p.pmtu = super::peer::PmtuSearch::new(p.max_dgram, now);
+        }
+        return None;
+    }
+    if let Some((size, id, sent, tries)) = s.probe {
+        let ack = p.stats.pmtu_ack.load(Relaxed);
+        if ack >> 16 == u64::from(id) && (ack & 0xffff) as usize == size {
+            s.acked(size, id);
+        } else if now.duration_since(sent) < PMTU_WAIT {
+            return None;
+        } else if tries + 1 < PMTU_TRIES {
+            s.probe = Some((size, id, now, tries + 1));
+            send_probe(p, size, id, now);
+            return None;
+        } else {
+            s.failed(size);
+        }
+    }
+    let s = &mut p.pmtu;
+    match s.next_size() {
+        Some(size) => {
+            let id = s.next_id;
+            s.next_id = s.next_id.wrapping_add(1);
+            s.probe = Some((size, id, now, 0));
+            send_probe(p, size, id, now);
+            None
+        }
+        None => {
+            s.done = true;
+            let overhead = super::overhead(p.cipher.is_some());
+            let mtu = s.good.saturating_sub(overhead).min(configured_mtu) as u32;
+            let old = p.stats.overlay_mtu.swap(mtu, Relaxed);
+            (old != mtu).then_some(Event::Pmtu(p.id, mtu))
+        }
+    }
+}
+
+/// Queue a probe datagram of exactly `size` bytes.
+fn send_probe(p: &mut TxPeer, size: usize, id: u32, now: Instant) {
+    let tag = if p.cipher.is_some() { crate::frame::TAG_LEN } else { 0 };
+    let body_len = size.saturating_sub(crate::frame::HEADER_LEN + tag).max(PMTU_BODY_LEN);
+    let mut body = vec![0u8; body_len];
+    body[..2].copy_from_slice(&(size.min(u16::MAX as usize) as u16).to_be_bytes());
+    body[2..6].copy_from_slice(&id.to_be_bytes());
+    p.push_control(Kind::PmtuProbe, &body, now);
+}

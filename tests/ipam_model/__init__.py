@@ -1,0 +1,1 @@
+"""Plain-Python reference models of Rust components, for differential tests only."""
