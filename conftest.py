@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.prereq import require_docker, require_lab
 
 pytest_plugins = ["tests.lab.fixtures"]

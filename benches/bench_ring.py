@@ -112,4 +112,5 @@ def test_allocate_and_release_through_the_python_api(benchmark):
         f"allocate+release: {result.ours_s * 1e9:.0f} ns per pair = {ops_per_s / 1e3:.0f}k ops/s "
         f"(target > 100k ops/s); model {result.reference_s * 1e6:.0f} us per pair; speedup {result.speedup:.0f}x"
     )
-    assert [e.as_tuple() for e in rust.entries()][0][4] == model.entry_tuples()[0][4]
+    # Same state as the model, except free_seq: each side ran its own number of rounds.
+    assert [e.as_tuple()[:5] for e in rust.entries()] == [t[:5] for t in model.entry_tuples()]

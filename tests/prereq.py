@@ -46,9 +46,7 @@ def _docker() -> str | None:
         return "the Docker daemon (no /var/run/docker.sock)"
     if shutil.which("docker") is None:
         return "the docker client on PATH"
-    info = subprocess.run(
-        ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True
-    )
+    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
     if info.returncode != 0:
         return f"a running Docker daemon (docker info: {info.stderr.strip()})"
     return None

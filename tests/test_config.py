@@ -134,4 +134,3 @@ def test_cli_unknown_flag_is_one_line_exit_2():
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
-

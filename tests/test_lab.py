@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,14 +93,14 @@ def inner_pytest(tmp_path: Path, test_source: str) -> tuple[list[str], dict[str,
     return [*command, str(tmp_path / "test_inner.py")], env
 
 
-def read_state(path: Path) -> dict[str, object]:
+def read_state(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
 # -- plain unit tests: no root needed ---------------------------------------------------------------
 
 
-def test_wait_until_returns_the_value_or_says_what_it_waited_for():
+def test_wait_until_returns_the_value_or_says_what_it_waited_for() -> None:
     calls = iter([0, None, "ready"])
     assert wait_until(lambda: next(calls), timeout=5, interval=0.001) == "ready"
 
@@ -115,7 +116,7 @@ def test_wait_until_returns_the_value_or_says_what_it_waited_for():
         wait_until(flaky, timeout=1)
 
 
-def test_switch_rules_cut_port_pairs_both_ways_and_isolate_ports():
+def test_switch_rules_cut_port_pairs_both_ways_and_isolate_ports() -> None:
     rules = render([("h1", "h2"), ("h2", "h1"), ("h3", "h1")], isolated=[])
     assert rules.startswith("add table bridge wnlab\ndelete table bridge wnlab\n")
     assert 'elements = { "h1" . "h2", "h1" . "h3", "h2" . "h1", "h3" . "h1" }' in rules
@@ -129,7 +130,7 @@ def test_switch_rules_cut_port_pairs_both_ways_and_isolate_ports():
         render([("h1", "a-very-long-port-name")], isolated=[])
 
 
-def test_iperf3_reports_are_read_into_numbers_or_errors():
+def test_iperf3_reports_are_read_into_numbers_or_errors() -> None:
     tcp = {
         "start": {"test_start": {"protocol": "TCP"}},
         "end": {
@@ -159,7 +160,7 @@ def test_iperf3_reports_are_read_into_numbers_or_errors():
 
 
 @pytest.mark.lab
-def test_hosts_reach_each_other_across_the_switch(lab):
+def test_hosts_reach_each_other_across_the_switch(lab: Lab) -> None:
     assert [host.label for host in lab.hosts] == ["h1", "h2", "h3"]
     assert NETNS_PATTERN.fullmatch(lab.host("h1").name)
     assert sorted(lab_netns(lab.id)) == sorted(ns.name for ns in lab.namespaces())
@@ -176,7 +177,7 @@ def test_hosts_reach_each_other_across_the_switch(lab):
 
 
 @pytest.mark.lab(hosts=2, mtu=1400)
-def test_the_underlay_mtu_is_what_the_lab_asked_for(lab):
+def test_the_underlay_mtu_is_what_the_lab_asked_for(lab: Lab) -> None:
     h1, h2 = lab.hosts
     with h1.iproute() as ipr:
         assert ipr.link("get", index=ipr.link_lookup(ifname="eth0")[0])[0].get("mtu") == 1400
@@ -187,7 +188,7 @@ def test_the_underlay_mtu_is_what_the_lab_asked_for(lab):
 
 
 @pytest.mark.lab
-def test_hosts_can_be_added_to_a_running_lab(lab):
+def test_hosts_can_be_added_to_a_running_lab(lab: Lab) -> None:
     h4 = lab.add_host()
     assert (h4.label, h4.address) == ("h4", str(lab.subnet.network_address + 4))
     h4.wait_reachable(lab.host("h1"))
@@ -199,7 +200,7 @@ def test_hosts_can_be_added_to_a_running_lab(lab):
 
 
 @pytest.mark.lab
-def test_a_cut_stops_tcp_udp_and_ping_between_two_hosts_only_until_healed(lab):
+def test_a_cut_stops_tcp_udp_and_ping_between_two_hosts_only_until_healed(lab: Lab) -> None:
     h1, h2, h3 = lab.hosts
     port = 7000
     with h2.socket() as listener, h2.socket(socket.AF_INET, socket.SOCK_DGRAM) as inbox:
@@ -244,7 +245,7 @@ def test_a_cut_stops_tcp_udp_and_ping_between_two_hosts_only_until_healed(lab):
 
 
 @pytest.mark.lab
-def test_an_isolated_host_reaches_nobody_until_it_rejoins_and_cuts_survive_that(lab):
+def test_an_isolated_host_reaches_nobody_until_it_rejoins_and_cuts_survive_that(lab: Lab) -> None:
     h1, h2, h3 = lab.hosts
     lab.cut(h1, h3)
     lab.isolate(h3)
@@ -267,7 +268,7 @@ def test_an_isolated_host_reaches_nobody_until_it_rejoins_and_cuts_survive_that(
 
 
 @pytest.mark.lab(hosts=2)
-def test_a_killed_server_shows_its_signal_and_restarts_with_a_new_pid(lab):
+def test_a_killed_server_shows_its_signal_and_restarts_with_a_new_pid(lab: Lab) -> None:
     h1, h2 = lab.hosts
     port = 8080
     server = h2.start([sys.executable, "-m", "http.server", "--bind", h2.address, str(port)], name="web")
@@ -293,7 +294,7 @@ def test_a_killed_server_shows_its_signal_and_restarts_with_a_new_pid(lab):
 
 
 @pytest.mark.lab(hosts=1)
-def test_stopping_a_program_ends_its_children_too(lab):
+def test_stopping_a_program_ends_its_children_too(lab: Lab) -> None:
     (h1,) = lab.hosts
     shell = h1.start(["sh", "-c", "sleep 300 & sleep 300 & wait"])
     assert wait_until(lambda: len(group_members(shell.pid)) == 3, timeout=30)
@@ -308,7 +309,7 @@ def test_stopping_a_program_ends_its_children_too(lab):
 
 
 @pytest.mark.lab(hosts=1)
-def test_run_gives_output_and_fails_loudly(lab, tmp_path):
+def test_run_gives_output_and_fails_loudly(lab: Lab, tmp_path: Path) -> None:
     (h1,) = lab.hosts
     result = h1.run(["sh", "-c", 'echo "$WN_GREETING"; pwd; cat'], env={"WN_GREETING": "hi"}, cwd=tmp_path, input="in")
     assert result.stdout.splitlines() == ["hi", str(tmp_path), "in"]
@@ -330,7 +331,7 @@ def test_run_gives_output_and_fails_loudly(lab, tmp_path):
 
 
 @pytest.mark.lab(hosts=1)
-def test_a_container_is_its_own_namespace_with_only_loopback(lab):
+def test_a_container_is_its_own_namespace_with_only_loopback(lab: Lab) -> None:
     (h1,) = lab.hosts
     c1 = h1.add_container("c1")
     assert c1.name == f"{lab.id}-h1-c1" and h1.container("c1") is c1
@@ -343,7 +344,7 @@ def test_a_container_is_its_own_namespace_with_only_loopback(lab):
 
 
 @pytest.mark.lab(hosts=1)
-def test_veths_connect_containers_to_a_bridge_on_their_host(lab):
+def test_veths_connect_containers_to_a_bridge_on_their_host(lab: Lab) -> None:
     (h1,) = lab.hosts
     c1, c2 = h1.add_container("c1"), h1.add_container("c2")
     h1.add_bridge("weave", mtu=1376)
@@ -363,7 +364,7 @@ def test_veths_connect_containers_to_a_bridge_on_their_host(lab):
 
 
 @pytest.mark.lab(hosts=2)
-def test_iperf3_between_two_hosts_reports_throughput(lab):
+def test_iperf3_between_two_hosts_reports_throughput(lab: Lab) -> None:
     require_command("iperf3", "iperf3")
     h1, h2 = lab.hosts
     result = lab.iperf3(h2, h1, seconds=1)
@@ -381,7 +382,7 @@ def test_iperf3_between_two_hosts_reports_throughput(lab):
 
 
 @pytest.mark.lab
-def test_a_with_block_removes_its_lab_when_the_body_raises():
+def test_a_with_block_removes_its_lab_when_the_body_raises() -> None:
     with pytest.raises(RuntimeError, match="boom"), Lab(hosts=2) as lab:
         sleeper = lab.host("h1").start(["sleep", "300"])
         lab.host("h2").add_container("c1")
@@ -394,7 +395,7 @@ def test_a_with_block_removes_its_lab_when_the_body_raises():
 
 
 @pytest.mark.lab(hosts=1)
-def test_the_sweeper_removes_an_aborted_lab_and_leaves_live_labs_alone(lab):
+def test_the_sweeper_removes_an_aborted_lab_and_leaves_live_labs_alone(lab: Lab) -> None:
     aborted = python_child(
         """
         import json, os, signal
@@ -433,7 +434,7 @@ def test_the_sweeper_removes_an_aborted_lab_and_leaves_live_labs_alone(lab):
 
 
 @pytest.mark.lab
-def test_fixture_teardown_removes_everything_when_the_test_fails(tmp_path):
+def test_fixture_teardown_removes_everything_when_the_test_fails(tmp_path: Path) -> None:
     command, env = inner_pytest(
         tmp_path,
         """
@@ -460,7 +461,7 @@ def test_fixture_teardown_removes_everything_when_the_test_fails(tmp_path):
 
 
 @pytest.mark.lab
-def test_sigterm_to_a_running_test_still_removes_its_lab(tmp_path):
+def test_sigterm_to_a_running_test_still_removes_its_lab(tmp_path: Path) -> None:
     command, env = inner_pytest(
         tmp_path,
         """

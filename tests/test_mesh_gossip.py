@@ -9,8 +9,10 @@ import trio.testing
 from weavenet.mesh import wire
 from weavenet.mesh.connection import HEARTBEAT_FRAME, connection_uid, tie_break
 from weavenet.mesh.gossip import (
+    MAX_SURROGATES,
     ConnectionSender,
     GossipData,
+    GossipError,
     GossipHub,
     GossipStats,
     OpaqueGossipData,
@@ -192,3 +194,16 @@ def test_full_state_down_a_new_connection_and_anti_entropy() -> None:
     hub.gossip_all()
     assert queued(senders[A]) + queued(senders[B]) != []
     assert hub.stats.messages_in == {}
+
+
+def test_a_flood_of_unknown_channels_is_refused() -> None:
+    async def main() -> None:
+        hub, _ = line_hub(US)
+        for i in range(MAX_SURROGATES):
+            msg = wire.Gossip(f"unknown-{i}", A, b"x")
+            hub.deliver(A, msg, wire.encode_message(msg))
+        msg = wire.Gossip("one-too-many", A, b"x")
+        with pytest.raises(GossipError, match="too many unknown gossip channels"):
+            hub.deliver(A, msg, wire.encode_message(msg))
+
+    trio.run(main)

@@ -11,16 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import socket
 import struct
-from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Network
-from pathlib import Path
-from typing import Any
 
-import pytest
 import trio
 
+from tests.mesh_harness import FAST, Mesh, eventually, scenario
 from weavenet._fastdp import MeshKey
 from weavenet.mesh import status_text, wire
 from weavenet.mesh.gossip import GossipData, OpaqueGossipData
@@ -28,95 +24,8 @@ from weavenet.mesh.handshake import ChannelClosed, handshake
 from weavenet.mesh.handshake import ProtocolError as FramingError
 from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.router import MeshTimings, Router
+from weavenet.mesh.routes import Routes
 from weavenet.store import Store
-
-FAST = MeshTimings.fast()
-
-
-def scenario(timeout: float = 20.0) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
-    """Run an async test body under trio with a deadline, handing it a fresh `Mesh`."""
-
-    def wrap(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        def run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-            caplog.set_level(logging.INFO, logger="weavenet")
-
-            async def main() -> None:
-                with trio.fail_after(timeout):
-                    async with trio.open_nursery() as nursery:
-                        mesh = Mesh(nursery, tmp_path, caplog)
-                        await fn(mesh)
-                        nursery.cancel_scope.cancel()
-
-            trio.run(main)
-
-        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-        return run
-
-    return wrap
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-class Mesh:
-    """Routers on 127.<random>.<random>.{11,12,...} sharing one port, each stoppable on its own."""
-
-    def __init__(self, nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-        self.nursery = nursery
-        self.caplog = caplog
-        self.tmp_path = tmp_path
-        self.prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        self.port = free_port(self.ip(0))
-        self.routers: dict[int, Router] = {}
-        self.scopes: dict[int, trio.CancelScope] = {}
-        self.stores: dict[int, Store] = {}
-
-    def ip(self, i: int) -> str:
-        return f"{self.prefix}.{11 + i}"
-
-    def addr(self, i: int) -> str:
-        return f"{self.ip(i)}:{self.port}"
-
-    @staticmethod
-    def name(i: int) -> PeerName:
-        return PeerName(0x0E0000000000 + i + 1)
-
-    async def start(self, i: int, **options: Any) -> Router:
-        store = self.stores.get(i) or Store(self.tmp_path / f"router{i}")
-        self.stores[i] = store
-        settings: dict[str, Any] = {"mesh_key": None, "timings": FAST}
-        settings.update(options)
-        router = Router(
-            name=self.name(i), nickname=f"host{i}", listen_host=self.ip(i), port=self.port, store=store, **settings
-        )
-        self.routers[i] = router
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with trio.CancelScope() as scope:
-                self.scopes[i] = scope
-                await router.serve(task_status=task_status)
-
-        await self.nursery.start(run)
-        return router
-
-    def stop(self, i: int) -> None:
-        self.scopes.pop(i).cancel()
-
-    def __getitem__(self, i: int) -> Router:
-        return self.routers[i]
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 8.0) -> float:
-    """Wait until `check()` holds; returns how long it took. Fails with `what` on timeout."""
-    start = trio.current_time()
-    with trio.move_on_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
-        return trio.current_time() - start
-    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
 
 
 def connected(router: Router) -> set[PeerName]:
@@ -173,9 +82,12 @@ async def test_a_line_of_routers_routes_and_gossips_through_the_middle(mesh: Mes
         router = await mesh.start(i, discovery=False)
         ends[i] = Recorder()
         router.new_gossip_channel("test", ends[i])
+    pushed: list[Routes] = []
+    mesh[0].subscribe_routes(pushed.append)  # what the datapath will do
     await mesh[1].connect([mesh.addr(0), mesh.addr(2)])
     a, b, c = mesh.name(0), mesh.name(1), mesh.name(2)
     await eventually(lambda: mesh[0].routes.unicast.get(c) == b and mesh[2].routes.unicast.get(a) == b, "line routes")
+    await eventually(lambda: bool(pushed) and pushed[-1].unicast == {b: b, c: b}, "routes pushed to subscribers")
     assert connected(mesh[0]) == {b}, "no discovery: A never dials C"
     assert mesh[1].routes.broadcast(a) == (c,)
     channel = mesh[0].new_gossip_channel("unicast-test", ends[0])
@@ -506,3 +418,34 @@ async def test_anti_entropy_spreads_state_nobody_announced(mesh: Mesh) -> None:
     await eventually(lambda: len(connected(mesh[1])) == 2, "line up")
     counters[0].state["a"] = 7  # changed locally without telling anyone
     await eventually(lambda: counters[2].state.get("a") == 7, "periodic gossip reached the far end", timeout=5)
+
+
+class Buggy:
+    """A subsystem with a bug: it crashes on any gossip it receives."""
+
+    def on_gossip(self, payload: bytes) -> GossipData | None:
+        raise KeyError("bug")
+
+    def on_gossip_broadcast(self, src: PeerName, payload: bytes) -> GossipData | None:
+        raise KeyError("bug")
+
+    def on_gossip_unicast(self, src: PeerName, payload: bytes) -> None:
+        raise KeyError("bug")
+
+    def gossip(self) -> GossipData | None:
+        return None
+
+
+@scenario()
+async def test_a_subsystem_bug_closes_that_connection_not_the_router(mesh: Mesh) -> None:
+    await mesh.start(0, discovery=False)
+    await mesh.start(1, discovery=False)
+    mesh[0].new_gossip_channel("buggy", Buggy())
+    sender = mesh[1].new_gossip_channel("buggy", Buggy())
+    await mesh[1].connect([mesh.addr(0)])
+    await eventually(lambda: connected(mesh[0]) == {mesh.name(1)}, "connected")
+    sender.gossip_neighbourhood(b"boom")
+    await eventually(lambda: "internal error handling a Gossip message" in mesh.caplog.text, "bug contained")
+    assert "KeyError: 'bug'" in mesh.caplog.text, "the traceback is logged for the bug report"
+    assert mesh[0].listening
+    await eventually(lambda: connected(mesh[0]) == {mesh.name(1)}, "B redials and the link is back")

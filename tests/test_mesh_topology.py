@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.topology import Topology, is_placeholder
-from weavenet.mesh.wire import ConnectionSummary, PeerSummary
+from weavenet.mesh.wire import MAX_VERSION, ConnectionSummary, PeerSummary, decode_topology, encode_topology
 
 US, A, B, C = (PeerName(0x0200000000 + i) for i in range(4))
 
@@ -75,6 +75,15 @@ def test_a_stale_record_of_ourselves_makes_us_outbid_it() -> None:
     result = topo.merge([old_incarnation])
     assert result.changed == {US}
     assert topo.local.version == 10 and topo.local.uid == 42, "we keep our uid and beat the old version"
+
+
+def test_outbidding_the_highest_valid_version_still_fits_the_wire() -> None:
+    topo = topology()
+    topo.merge([PeerSummary(US, "us", uid=7, version=MAX_VERSION - 1, connections=())])
+    assert topo.local.version == MAX_VERSION
+    topo.set_local_connections([link(A)])
+    assert topo.local.version == MAX_VERSION, "held at the ceiling rather than overflowing"
+    assert decode_topology(encode_topology(topo.records([US])))[0] == topo.local
 
 
 def test_an_old_copy_of_our_own_record_is_harmless() -> None:

@@ -142,6 +142,8 @@ def test_topology_round_trip() -> None:
         ([[int(A), "a", 1, 1, []], [int(A), "a", 1, 1, []]], "twice"),
         ([[int(A), "a", 0, 1, []]], "uid 0"),
         ([[int(A), "a", 1, 0, []]], "version 0"),
+        ([[int(A), "a", 1, (1 << 62) + 1, []]], "topology version"),
+        ([[int(A), "a", 1, 1, [[int(B), "10.0.0.1:0", True, True]]]], "ip:port"),
         ([[int(A), "a", 1, 1, [[int(A), "10.0.0.1:6783", True, True]]]], "self or duplicate"),
         ([[int(A), "a", 1, 1, [[int(B), "host.example:6783", True, True]]]], "IP address"),
         ([[int(A), "a", 1, 1, [[int(B), "10.0.0.1", True, True]]]], "ip:port"),

@@ -8,7 +8,8 @@ cover, the join laws, convergence in any gossip order, cross-replica safety, fre
 an encoding that round-trips and refuses garbage.
 
 Budget: the main differential test runs 2000 examples (profile "ring"); the whole file stays well
-under two minutes on a busy two-core machine. WEAVENET_RING_PROFILE=ring-quick runs a tenth.
+under two minutes on a busy two-core machine. WEAVENET_RING_PROFILE=ring-quick runs a tenth;
+WEAVENET_RING_PROFILE=ring-soak runs 25x more (a long soak, before touching the merge rules).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("ring-quick", parent=settings.get_profile("ring"), max_examples=200)
+settings.register_profile("ring-soak", parent=settings.get_profile("ring"), max_examples=50_000)
 PROFILE = settings.get_profile(os.environ.get("WEAVENET_RING_PROFILE", "ring"))
 # Secondary properties: half the main budget each.
 SECONDARY = settings(PROFILE, max_examples=max(50, PROFILE.max_examples // 2))
@@ -168,7 +170,11 @@ def assert_same(rep: Replica, full: bool = False) -> None:
         assert rep.rust.to_bytes() == rep.model.to_bytes()
         assert rep.rust.free_by_owner() == rep.model.free_by_owner()
         assert rep.rust.size_by_owner() == rep.model.size_by_owner()
-        assert rep.rust.choose_donors() == rep.model.choose_donors()
+        donors = rep.rust.choose_donors()
+        assert donors == rep.model.choose_donors()
+        # Donor choice (§5.19): never us, never a peer with nothing free, each peer once.
+        free = rep.rust.free_by_owner()
+        assert sorted(donors) == sorted(p for p, n in free.items() if n > 0 and p != rep.rust.peer)
         assert rep.rust.free_count() == rep.model.free_count()
 
 
@@ -268,8 +274,12 @@ def run(setup: Setup, ops: list[tuple]) -> list[Replica]:
     for rep in reps:
         assert_same(rep, full=True)
     for op in ops:
+        versions_before = {e.token: e.version for e in reps[op[1]].rust.entries()}
         for r in apply(reps, op):
             assert_same(reps[r])
+        # Monotonicity (§5.5): tokens never vanish and versions never go down.
+        versions_after = {e.token: e.version for e in reps[op[1]].rust.entries()}
+        assert all(versions_after.get(t, -1) >= v for t, v in versions_before.items())
     for rep in reps:
         assert_same(rep, full=True)
     return reps

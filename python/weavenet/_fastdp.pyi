@@ -242,3 +242,90 @@ class Ring:
         """An independent copy (allocations included)."""
     def __copy__(self) -> Ring: ...
     def __deepcopy__(self, memo: object) -> Ring: ...
+
+# --- Datapath ---
+# rust/fastdp/src/datapath (+ src/frame.rs): the TAP ↔ UDP engine in Rust threads. Python pushes
+# peers, keys and routes in and reads events and counters out; no packet ever passes through Python
+# and no Python code runs on the datapath threads.
+
+def datapath_overlay_mtu(underlay_mtu: int, encrypted: bool, ipv6_underlay: bool = False) -> int:
+    """The largest overlay MTU (L3 packet) an underlay MTU carries: underlay − IP/UDP (28, or 48 for
+    IPv6) − Ethernet 14 − header 24 − route 12 − length 2 − tag 16 (encrypted). 1500 → 1420 plain,
+    1404 encrypted."""
+
+DatapathEvent = (
+    tuple[str, int] | tuple[str, int, int] | tuple[str, str] | tuple[str, str, int] | tuple[str, str, int, int]
+)
+"""See `Datapath.drain_events`."""
+
+class Datapath:
+    """One router's datapath: a TAP device (vnet header, TSO/checksum offloads) and a UDP socket
+    (recvmmsg/sendmmsg, UDP GSO/GRO, forced 8 MiB buffers, DF), a send thread and a receive thread.
+
+    Frames are forwarded by destination MAC (learned from received frames, aged out after 10 min);
+    unknown unicast, broadcast and multicast are flooded along the broadcast routes; frames for a
+    peer with no direct link are relayed via the unicast next hop. Encrypted peers use the
+    `DataKeys` of their connection: AES-256-GCM (with AES-NI) or ChaCha20-Poly1305, counter nonces,
+    a 2048-datagram replay window, rekeyed by a KDF chain every 2^28 datagrams or 120 s. Frames
+    larger than a path carries get ICMP fragmentation-needed / Packet Too Big written back into the
+    TAP. Attaching the TAP to the bridge, its MTU and link state are the caller's job (the TAP MTU
+    should be large, e.g. 65000, so oversize packets reach the datapath to be answered)."""
+
+    @staticmethod
+    def open(tap_name: str, udp_port: int, mtu: int, local_peer_id: int, bind_addr: str = "0.0.0.0") -> Datapath:
+        """Create TAP `tap_name` and bind UDP `bind_addr:udp_port` (0 picks a free port) in the calling
+        thread's network namespace, and start the threads. `mtu` is the overlay MTU (576..65000);
+        `local_peer_id` our 48-bit peer name. Raises OSError (TAP or port unavailable; needs
+        CAP_NET_ADMIN) or ValueError (bad arguments). The GIL is released meanwhile."""
+    def set_peer(self, peer_id: int, addr: str, port: int, keys: DataKeys | None) -> None:
+        """Add or replace a peer at underlay `addr:port`. With `keys` (from the connection's
+        handshake) every datagram to and from it is encrypted and anything else from it is dropped
+        (counted as "auth"); None means plain (trusted peers or no password). Replacing a peer:
+        with the same keys (a repeated push, or a new address) counters, epochs and
+        replay windows carry on; with new keys (a new connection) the crypto state starts over.
+        Per-peer counters and liveness are kept either way."""
+    def remove_peer(self, peer_id: int) -> None:
+        """Forget a peer and every MAC learned behind it."""
+    def set_routes(
+        self, unicast: dict[int, int], broadcast: list[int], broadcast_via: dict[int, list[int]] | None = None
+    ) -> None:
+        """Replace the routes: `unicast` maps a destination peer to the next hop (a direct peer, itself
+        when directly connected); `broadcast` lists our next hops for frames we flood; `broadcast_via`
+        maps an origin peer to our next hops for frames that origin flooded (its broadcast tree)."""
+    def events_fd(self) -> int:
+        """A file descriptor that becomes readable when events wait (`trio.lowlevel.wait_readable`)."""
+    def drain_events(self) -> list[DatapathEvent]:
+        """Take the waiting events and clear the fd: ("peer_up", peer), ("peer_down", peer),
+        ("pmtu", peer, overlay_mtu), ("mac_learned", "aa:bb:cc:dd:ee:ff", peer),
+        ("mac_moved", mac, old_peer, new_peer), ("datapath_failed", message) (a datapath thread hit a
+        bug and the datapath stopped: close and reopen it). A peer is up while authenticated
+        datagrams (heartbeats every 0.5 s, 2 s once up) keep arriving; down after 10 s of silence."""
+    def stats(self) -> dict[str, object]:
+        """Counters: tap_rx_frames/bytes, tap_tx_frames/bytes, segmented (TSO super-frames split),
+        coalesced (received segments merged), udp_tx/rx_datagrams, gso_sends, gro_receives, relayed,
+        flooded, icmp_sent, sent_inline (answers sent by the receive thread), events_dropped,
+        fdb_entries; "drops": {auth, replay, malformed, no_route,
+        oversize, queue_full, unknown_peer, send_error, tap_error}; "peers": {peer_id: {addr,
+        encrypted, up, tx/rx_datagrams, tx/rx_bytes, tx/rx_frames, rtt_us, overlay_mtu}}."""
+    def close(self) -> None:
+        """Stop the threads, close the socket and the TAP (the device disappears). Idempotent; the GIL
+        is released while the threads finish."""
+    @property
+    def tap_name(self) -> str: ...
+    @property
+    def udp_port(self) -> int:
+        """The bound port (useful after opening with port 0)."""
+    @property
+    def cipher(self) -> str:
+        """The AEAD this host seals with: "aes-256-gcm" or "chacha20-poly1305" (receivers open both)."""
+    @property
+    def tap_offloads(self) -> int:
+        """TUN_F_* bits the kernel accepted (CSUM 1, TSO4 2, TSO6 4, TSO_ECN 8, USO4 0x20, USO6 0x40)."""
+    @property
+    def udp_gro(self) -> bool:
+        """Whether UDP GRO is on for the socket."""
+    @property
+    def udp_rcvbuf(self) -> int:
+        """The socket receive buffer the kernel granted, in bytes."""
+    @property
+    def closed(self) -> bool: ...

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from weavenet import __version__
 from weavenet.api.client import ApiClient, ApiUnreachable
@@ -30,6 +31,7 @@ from weavenet.config import (
 
 LAUNCH_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+IPAM_TIMEOUT = 30.0  # rmpeer, reset and prime wait for peers; the router bounds its own waits
 
 
 class CliError(Exception):
@@ -40,10 +42,10 @@ class CliError(Exception):
         self.code = code
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
+def _client(args: argparse.Namespace, timeout: float = 10.0) -> ApiClient:
     text = args.http_addr or os.environ.get("WEAVE_HTTP_ADDR") or DEFAULT_HTTP_ADDR
     try:
-        return ApiClient(HttpAddress.parse(text))
+        return ApiClient(HttpAddress.parse(text), timeout=timeout)
     except ValueError as exc:
         raise CliError(f"--http-addr: {exc}", 2) from None
 
@@ -84,11 +86,17 @@ def cmd_launch(args: argparse.Namespace, launch_argv: Sequence[str]) -> int:
         import trio
 
         from weavenet.daemon import run_daemon, setup_logging
+        from weavenet.plugin.server import PluginError
 
         setup_logging(settings.log_level)
         try:
             trio.run(run_daemon, settings)
-        except OSError as exc:
+        except BaseException as exc:
+            # trio wraps even a single error from the nursery in exception groups: unwrap it
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if not isinstance(exc, OSError | ConfigError | PluginError):
+                raise
             raise CliError(f"launch: {exc}") from None
         return 0
 
@@ -187,7 +195,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    """Stop and forget persisted state (peer name, targets, IPAM)."""
+    """Hand our IPAM ranges to a peer, then stop and forget persisted state (peer name, targets, IPAM)."""
+    with contextlib.suppress(ApiUnreachable):
+        reply = _client(args, timeout=IPAM_TIMEOUT).request("DELETE", "/peer")
+        if reply.status >= 400 and reply.status != 404:  # 404: IPAM disabled, nothing to hand on
+            print(f"weavenet reset: warning: {reply.text.strip()}", file=sys.stderr)
     _stop(args, quiet_if_not_running=True)
     state_dir = _state_dir(args)
     from weavenet.store import Store
@@ -244,6 +256,72 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post_addresses(args: argparse.Namespace, path: str, form: list[tuple[str, str]], what: str) -> int:
+    form += [("addr", a) for a in getattr(args, "addrs", [])]
+    try:
+        reply = _client(args).request("POST", path, form=form)
+    except ApiUnreachable as exc:
+        raise CliError(str(exc)) from None
+    _check(reply.status, reply.text, what)
+    if reply.text.strip():
+        print(reply.text.strip())
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    form = [("target", args.target)]
+    if args.no_multicast_route:
+        form.append(("no-multicast-route", "true"))
+    return _post_addresses(args, "/attach", form, "attach")
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    return _post_addresses(args, "/detach", [("target", args.target)], "detach")
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    form = [("skipNAT", "true")] if args.without_masquerade else []
+    return _post_addresses(args, "/expose", form, "expose")
+
+
+def cmd_hide(args: argparse.Namespace) -> int:
+    return _post_addresses(args, "/hide", [], "hide")
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    try:
+        reply = _client(args).request("GET", "/ps", accept_json=True)
+    except ApiUnreachable as exc:
+        raise CliError(str(exc)) from None
+    _check(reply.status, reply.text, "ps")
+    for row in reply.json():
+        if args.targets and not any(row["ID"].startswith(t) for t in args.targets):
+            continue
+        print(f"{row['ID'][:12]} {row['MAC']} {' '.join(row['CIDRs'])}".rstrip())
+    return 0
+
+
+def cmd_rmpeer(args: argparse.Namespace) -> int:
+    client = _client(args, timeout=IPAM_TIMEOUT)
+    for peer in args.peers:
+        try:
+            reply = client.request("DELETE", f"/peer/{quote(peer, safe='')}")
+        except ApiUnreachable as exc:
+            raise CliError(str(exc)) from None
+        _check(reply.status, reply.text, f"rmpeer {peer}")
+        print(reply.text.strip())
+    return 0
+
+
+def cmd_prime(args: argparse.Namespace) -> int:
+    try:
+        reply = _client(args, timeout=IPAM_TIMEOUT + 5).request("GET", f"/ring?timeout={IPAM_TIMEOUT:g}")
+    except ApiUnreachable as exc:
+        raise CliError(str(exc)) from None
+    _check(reply.status, reply.text, "prime")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from weavenet import _fastdp
 
@@ -261,9 +339,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="weavenet", description="weavenet: a container network for Docker and Linux"
-    )
+    parser = OneLineErrorParser(prog="weavenet", description="weavenet: a container network for Docker and Linux")
     parser.add_argument("--version", action="version", version=f"weavenet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     commands.required = True
@@ -282,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="accepted for compatibility; reset always proceeds"
     )
     status = client_command("status", "show the router's status")
-    status.add_argument(
-        "view", nargs="?", choices=["peers", "connections", "targets"], help="a detailed view"
-    )
+    status.add_argument("view", nargs="?", choices=["peers", "connections", "targets", "ipam"], help="a detailed view")
     status.add_argument("--json", action="store_true", help="JSON instead of text")
     client_command("report", "print the router's full state as JSON")
     connect = client_command("connect", "add connection targets")
@@ -293,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     forget = client_command("forget", "remove connection targets")
     forget.add_argument("peers", nargs="+", metavar="PEER[:PORT]")
     client_command("version", "print versions")
+    rmpeer = client_command("rmpeer", "take over the IP ranges of dead peers")
+    rmpeer.add_argument("peers", nargs="+", metavar="PEER", help="a peer name or an unambiguous nickname")
+    client_command("prime", "wait until IPAM is initialised (the ring exists)")
+    addr_help = "ADDR: an address with prefix (10.32.1.5/12), net:CIDR, or net:default (the default)"
+    attach = client_command("attach", "attach a container or network namespace to the overlay")
+    attach.add_argument("--no-multicast-route", action="store_true", help="do not route 224.0.0.0/4 via ethwe0")
+    attach.add_argument("addrs", nargs="*", metavar="ADDR", help=addr_help)
+    attach.add_argument("target", metavar="TARGET", help="a container name or id, a netns name, or a path")
+    detach = client_command("detach", "detach a container or network namespace (all addresses unless given)")
+    detach.add_argument("addrs", nargs="*", metavar="ADDR")
+    detach.add_argument("target", metavar="TARGET")
+    expose = client_command("expose", "give the host an address on the overlay (and masquerade)")
+    expose.add_argument("--without-masquerade", action="store_true", help="do not add masquerade rules")
+    expose.add_argument("addrs", nargs="*", metavar="ADDR", help=addr_help)
+    hide = client_command("hide", "take the host's address(es) off the overlay")
+    hide.add_argument("addrs", nargs="*", metavar="ADDR")
+    ps = client_command("ps", "list attached containers: id, MAC, addresses")
+    ps.add_argument("targets", nargs="*", metavar="CONTAINER")
     return parser
 
 
@@ -304,6 +396,13 @@ _HANDLERS = {
     "connect": cmd_connect,
     "forget": cmd_forget,
     "version": cmd_version,
+    "rmpeer": cmd_rmpeer,
+    "prime": cmd_prime,
+    "attach": cmd_attach,
+    "detach": cmd_detach,
+    "expose": cmd_expose,
+    "hide": cmd_hide,
+    "ps": cmd_ps,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
 DEFAULT_STATE_DIR = Path("/var/lib/weavenet")
 DEFAULT_IPALLOC_RANGE = "10.32.0.0/12"
 DEFAULT_CONN_LIMIT = 200
+DEFAULT_PLUGIN_DIR = Path("/run/docker/plugins")
+DEFAULT_DOCKER_API = "/var/run/docker.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 T = TypeVar("T")
@@ -157,6 +160,14 @@ class Settings:
     ipalloc_init: IpallocInit = field(default_factory=IpallocInit)
     mtu: int | None = None  # None → derived from the underlay
     foreground: bool = False
+    # Docker plugin: on unless --no-plugin; None dir → /run/docker/plugins when it exists and the
+    # router runs in the host's network namespace (where dockerd is). Empty names disable a part.
+    plugin: bool = True
+    plugin_dir: Path | None = None
+    plugin_mesh_name: str = "weavemesh"
+    plugin_name: str = "weave"
+    plugin_network: str = "weave"
+    docker_api: str | None = DEFAULT_DOCKER_API  # None: no Docker API (no `weave` network, no lookups)
 
     @property
     def encrypted(self) -> bool:
@@ -246,6 +257,24 @@ def _parse_nickname(text: str) -> str:
     return text
 
 
+def _parse_docker_name(text: str) -> str:
+    """A Docker driver or network name; empty disables that part of the plugin."""
+    name = text.strip()
+    if name and (len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)):
+        raise ValueError(f"expected a name of letters, digits, '_', '.', '-' (or empty to disable), got {text!r}")
+    return name
+
+
+def _parse_docker_api(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    path = text.removeprefix("unix://")
+    if not path.startswith("/"):
+        raise ValueError(f"expected unix:///path/to/docker.sock or an absolute path (empty disables), got {text!r}")
+    return path
+
+
 def _parse_conn_limit(text: str) -> int:
     return _parse_int(text, "expected a non-negative integer", minimum=0, maximum=100_000)
 
@@ -291,6 +320,11 @@ _VALUED: list[tuple[str, str, str | None, Callable[[str], object]]] = [
     ("ipalloc_default_subnet", "--ipalloc-default-subnet", "IPALLOC_DEFAULT_SUBNET", _parse_ipv4_network),
     ("ipalloc_init", "--ipalloc-init", "IPALLOC_INIT", IpallocInit.parse),
     ("mtu", "--mtu", "WEAVE_MTU", _parse_mtu),
+    ("plugin_dir", "--plugin-dir", "WEAVE_PLUGIN_DIR", lambda t: Path(t).absolute()),
+    ("plugin_mesh_name", "--plugin-mesh-name", "WEAVE_PLUGIN_MESH_NAME", _parse_docker_name),
+    ("plugin_name", "--plugin-name", "WEAVE_PLUGIN_NAME", _parse_docker_name),
+    ("plugin_network", "--plugin-network", "WEAVE_PLUGIN_NETWORK", _parse_docker_name),
+    ("docker_api", "--docker-api", "WEAVE_DOCKER_API", _parse_docker_api),
 ]
 
 _HELP = {
@@ -308,6 +342,11 @@ _HELP = {
     "ipalloc_default_subnet": "subnet for allocations that name none (default: the whole range)",
     "ipalloc_init": "consensus[=N], seed=NAME,... or observer (default consensus)",
     "mtu": "overlay MTU (default: from the underlay)",
+    "plugin_dir": "where the Docker plugin sockets go (default /run/docker/plugins, if it exists)",
+    "plugin_mesh_name": "local-scope driver + IPAM name, socket NAME.sock (default weavemesh; empty: none)",
+    "plugin_name": "global-scope driver name, socket NAME.sock (default weave; empty: none)",
+    "plugin_network": "Docker network created at start on the local driver (default weave; empty: none)",
+    "docker_api": "Docker Engine API socket (default unix:///var/run/docker.sock; empty: none)",
 }
 
 
@@ -328,6 +367,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--foreground", action="store_true", help="stay attached (for systemd and the Docker V2 plugin)"
+    )
+    parser.add_argument(
+        "--no-plugin", dest="no_plugin", action="store_true", help="do not serve the Docker plugin [$WEAVE_NO_PLUGIN]"
     )
     parser.add_argument("peers", nargs="*", metavar="PEER[:PORT]", help="peers to connect to")
 
@@ -360,10 +402,23 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         peers=tuple(peers),
         discovery=not getattr(args, "no_discovery", False),
         foreground=bool(getattr(args, "foreground", False)),
+        plugin=not _no_plugin(args, env),
         **values,  # type: ignore[arg-type]
     )
     _check_consistency(settings)
     return settings
+
+
+def _no_plugin(args: argparse.Namespace, env: Mapping[str, str]) -> bool:
+    if getattr(args, "no_plugin", False):
+        return True
+    text = env.get("WEAVE_NO_PLUGIN", "")
+    if not text.strip():
+        return False
+    try:
+        return _parse_bool(text)
+    except ValueError as exc:
+        raise ConfigError("--no-plugin", str(exc), "WEAVE_NO_PLUGIN") from None
 
 
 def _split_peers(items: Sequence[str]) -> list[str]:
@@ -377,11 +432,11 @@ def _check_consistency(settings: Settings) -> None:
         if rng is None:
             raise ConfigError("--ipalloc-default-subnet", "needs IPAM (an --ipalloc-range)")
         if not subnet.subnet_of(rng):
-            raise ConfigError(
-                "--ipalloc-default-subnet", f"{subnet} is not inside the allocation range {rng}"
-            )
+            raise ConfigError("--ipalloc-default-subnet", f"{subnet} is not inside the allocation range {rng}")
     if settings.ipalloc_init.mode == "consensus" and settings.ipalloc_init.quorum is not None and rng is None:
         raise ConfigError("--ipalloc-init", "needs IPAM (an --ipalloc-range)")
+    if settings.plugin_mesh_name and settings.plugin_mesh_name == settings.plugin_name:
+        raise ConfigError("--plugin-name", f"{settings.plugin_name!r} is also the --plugin-mesh-name; give them apart")
 
 
 def parse_value(flag: str, text: str) -> object:

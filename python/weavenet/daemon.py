@@ -4,7 +4,9 @@ Shape of the tree (read top to bottom in `run_daemon`):
     run_daemon
     ├── signal watcher          SIGTERM/SIGINT → cancel everything, close connections cleanly
     ├── mesh router             TCP 6783: connections, gossip, routes, connection maker
-    └── HTTP API                127.0.0.1:6784: status, report, connect/forget, metrics, stop
+    ├── IPAM allocator          ring gossip, consensus, retries (ipam/allocator.py)
+    ├── HTTP API                127.0.0.1:6784: status, report, connect/forget, metrics, stop
+    └── Docker plugin           /run/docker/plugins/{weavemesh,weave}.sock; the `weave` network
 It must never block the trio loop: slow work (key derivation) runs in a thread.
 """
 
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,13 @@ from weavenet._fastdp import MeshKey
 from weavenet.api.routes import build_api
 from weavenet.api.server import serve_tcp, serve_unix
 from weavenet.config import Settings
+from weavenet.ipam.allocator import Allocator
+from weavenet.ipam.hostcheck import bridge_addresses, check_range_is_free
 from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.router import Router
+from weavenet.net.containers import Containers
+from weavenet.net.mtu import overlay_mtu
+from weavenet.plugin.server import PluginService, plugin_dir
 from weavenet.store import Store
 
 log = logging.getLogger("weavenet")
@@ -43,6 +51,9 @@ class Node:
     store: Store
     name: PeerName
     router: Router
+    ipam: Allocator | None = None  # None when IPAM is disabled (empty --ipalloc-range)
+    containers: Containers | None = None  # attach/detach/expose/ps on this host
+    plugin: PluginService | None = None  # the Docker plugin, when it serves (see plugin.server.plugin_dir)
     started_at: float = field(default_factory=time.time)
     stop_requested: trio.Event = field(default_factory=trio.Event)
 
@@ -74,6 +85,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # pyroute2 logs every netlink message at debug: never below info
+    logging.getLogger("pyroute2").setLevel(max(getattr(logging, level.upper()), logging.INFO))
 
 
 def write_pid_file(state_dir: Path) -> Path:
@@ -114,8 +127,21 @@ async def _watch_stop_request(cancel_scope: trio.CancelScope, node: Node) -> Non
     cancel_scope.cancel()
 
 
+def _connect_peer(router: Router) -> Callable[[str], Awaitable[None]]:
+    """For the global driver: a node Docker discovered (cluster store) becomes a connection target."""
+
+    async def connect(address: str) -> None:
+        errors = await router.connect([address])
+        if errors:
+            log.warning("not connecting to discovered node %s: %s", address, "; ".join(errors))
+
+    return connect
+
+
 async def run_daemon(settings: Settings) -> None:
     """Run one router until SIGTERM/SIGINT or `weavenet stop`."""
+    if settings.ipalloc_range is not None:
+        check_range_is_free(settings.ipalloc_range)  # ConfigError naming the flag and the route
     store = Store(settings.state_dir)
     name = resolve_peer_name(settings, store)
     mesh_key = None
@@ -134,6 +160,9 @@ async def run_daemon(settings: Settings) -> None:
         trusted_subnets=settings.trusted_subnets,
     )
     node = Node(settings=settings, store=store, name=name, router=router)
+    if settings.ipalloc_range is not None:
+        # Before the router serves: the allocator registers its gossip channel.
+        node.ipam = Allocator.from_settings(router, store, settings, pre_claims=bridge_addresses)
     pid_path = write_pid_file(settings.state_dir)
     log.info(
         "weavenet %s starting: peer %s(%s), mesh port %d, encryption %s, state in %s",
@@ -149,8 +178,12 @@ async def run_daemon(settings: Settings) -> None:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, node)
             nursery.start_soon(_watch_stop_request, nursery.cancel_scope, node)
             await nursery.start(router.serve)
+            if node.ipam is not None:
+                await nursery.start(node.ipam.run)
             if settings.peers:
                 await router.connect([str(p) for p in settings.peers])
+            # After IPAM (if any) is on the node: attach/expose allocate through it.
+            node.containers = Containers(store=store, ipam=node.ipam, mtu=overlay_mtu(settings.mtu))
             if settings.http_addr is not None:
                 api = build_api(node)
                 if settings.http_addr.unix_path:
@@ -158,6 +191,11 @@ async def run_daemon(settings: Settings) -> None:
                 else:
                     await nursery.start(serve_tcp, api, settings.http_addr.host, settings.http_addr.port)
                 log.info("HTTP API on %s", settings.http_addr)
+            if (directory := plugin_dir(settings)) is not None:
+                node.plugin = PluginService(
+                    settings, directory, store=store, allocator=lambda: node.ipam, on_peer=_connect_peer(router)
+                )
+                await nursery.start(node.plugin.run)
     finally:
         pid_path.unlink(missing_ok=True)
         store.close()

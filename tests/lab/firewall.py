@@ -65,7 +65,7 @@ class SwitchFirewall:
 
     def apply(self) -> None:
         """Write the current state into the switch's table (one atomic nft transaction)."""
-        script = render((tuple(sorted(pair)) for pair in self.cuts), self.isolated)
+        script = render([(min(pair), max(pair)) for pair in self.cuts], self.isolated)
         self.switch.run(["nft", "-f", "-"], input=script, timeout=30.0)
 
     def cut(self, a: str, b: str) -> None:

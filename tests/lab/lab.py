@@ -119,8 +119,8 @@ class Lab:
         self.id = ""  # set by start(): "wn" + 6 hex digits
         self.subnet = ipaddress.IPv4Network("0.0.0.0/32")
         self.hosts: list[Host] = []
-        self.switch: Namespace | None = None
-        self.firewall: SwitchFirewall | None = None
+        self._switch: Namespace | None = None
+        self._firewall: SwitchFirewall | None = None
         self._initial_hosts = names
         self._given_workdir = Path(workdir) if workdir is not None else None
         # Logs and scratch files; a fresh temporary directory is only chosen by start().
@@ -157,11 +157,11 @@ class Lab:
             else:
                 self.workdir.mkdir(parents=True, exist_ok=True)
             self.subnet = _subnet_for(self.id)
-            self.switch = Namespace(f"{self.id}-switch", label="switch", logdir=self.workdir / "switch")
-            self.switch.create()
-            self.switch.add_bridge(SWITCH_BRIDGE, mtu=self.mtu)
-            self.firewall = SwitchFirewall(self.switch)
-            self.firewall.apply()
+            self._switch = Namespace(f"{self.id}-switch", label="switch", logdir=self.workdir / "switch")
+            self._switch.create()
+            self._switch.add_bridge(SWITCH_BRIDGE, mtu=self.mtu)
+            self._firewall = SwitchFirewall(self._switch)
+            self._firewall.apply()
             for name in self._initial_hosts:
                 self.add_host(name)
         except BaseException:
@@ -181,8 +181,7 @@ class Lab:
 
     def add_host(self, name: str | None = None) -> Host:
         """Add a host to the switch (default name: h<next number>) and return it."""
-        if self.switch is None or self._closed:
-            raise RuntimeError(f"{self!r} is not running")
+        switch = self.switch
         number = max((host.number for host in self.hosts), default=0) + 1
         name = name or f"h{number}"
         _check_host_name(name)
@@ -194,10 +193,10 @@ class Lab:
         self.hosts.append(host)  # registered first: close() removes even a half-made host
         host.create()
         # The switch end is named after the host; the host end is eth0 in every host.
-        self.switch.add_veth(name, host, UNDERLAY_INTERFACE, mtu=self.mtu, bridge=SWITCH_BRIDGE, up=False)
+        switch.add_veth(name, host, UNDERLAY_INTERFACE, mtu=self.mtu, bridge=SWITCH_BRIDGE, up=False)
         host.add_address(UNDERLAY_INTERFACE, f"{host.address}/{self.subnet.prefixlen}")
         host.set_link(UNDERLAY_INTERFACE, up=True)
-        self.switch.set_link(name, up=True)
+        switch.set_link(name, up=True)
         return host
 
     def close(self, *, timeout: float = 10.0) -> None:
@@ -230,6 +229,18 @@ class Lab:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def switch(self) -> Namespace:
+        """The switch namespace (bridge br0, one port per host, the fault rules)."""
+        if self._switch is None or self._closed:
+            raise RuntimeError(f"{self!r} is not running")
+        return self._switch
+
+    @property
+    def firewall(self) -> SwitchFirewall:
+        """The switch's fault rules (cut/heal/isolate/rejoin use them; ruleset() shows counters)."""
+        return self._faults()
+
     # -- looking things up -------------------------------------------------------------------
 
     def host(self, name: str) -> Host:
@@ -242,8 +253,8 @@ class Lab:
         """Every namespace of the lab: containers, hosts, then the switch."""
         found: list[Namespace] = [c for host in self.hosts for c in host.containers.values()]
         found += self.hosts
-        if self.switch is not None:
-            found.append(self.switch)
+        if self._switch is not None:
+            found.append(self._switch)
         return found
 
     def processes(self) -> list[LabProcess]:
@@ -263,9 +274,9 @@ class Lab:
     # -- faults (rules in the switch: tests.lab.firewall) ----------------------------------------
 
     def _faults(self) -> SwitchFirewall:
-        if self.firewall is None or self._closed:
+        if self._firewall is None or self._closed:
             raise RuntimeError(f"{self!r} is not running")
-        return self.firewall
+        return self._firewall
 
     def cut(self, a: Host | str, b: Host | str) -> None:
         """Drop everything between two hosts, both ways; links stay up, others unaffected. Idempotent."""
@@ -333,9 +344,9 @@ class Lab:
         lines = [f"lab {self.id} subnet {self.subnet} mtu {self.mtu} workdir {self.workdir}"]
         for host in self.hosts:
             faults = []
-            if self.firewall is not None and host.label in self.firewall.isolated:
+            if self._firewall is not None and host.label in self._firewall.isolated:
                 faults.append("ISOLATED")
-            if self.firewall is not None and (peers := self.firewall.cut_from(host.label)):
+            if self._firewall is not None and (peers := self._firewall.cut_from(host.label)):
                 faults.append("cut from " + ",".join(peers))
             lines.append(f"  {host.label} {host.address} netns={host.name} {' '.join(faults)}".rstrip())
             for ns in [host, *host.containers.values()]:

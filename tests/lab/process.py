@@ -183,8 +183,9 @@ class LabProcess:
         self._popen: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
-        state = "not started" if self._popen is None else _describe_exit(self.returncode)
-        return f"<LabProcess {self.where}/{self.name} pid={self.pid} {state}>"
+        if self._popen is None:
+            return f"<LabProcess {self.where}/{self.name} not started>"
+        return f"<LabProcess {self.where}/{self.name} pid={self._popen.pid} {_describe_exit(self.returncode)}>"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -287,9 +288,9 @@ class LabProcess:
     # -- state -------------------------------------------------------------------------------
 
     @property
-    def pid(self) -> int | None:
-        """Pid of the current incarnation (also its process group id); None before start()."""
-        return None if self._popen is None else self._popen.pid
+    def pid(self) -> int:
+        """Pid of the current incarnation (also its process group id)."""
+        return self._require_started().pid
 
     @property
     def returncode(self) -> int | None:

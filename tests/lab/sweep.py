@@ -168,8 +168,8 @@ def pids_in_namespaces(paths: list[str]) -> dict[str, list[int]]:
             stat = os.stat(f"/proc/{entry}/ns/net")  # fails for zombies and vanished processes
         except OSError:
             continue
-        if (path := wanted.get((stat.st_dev, stat.st_ino))) is not None:
-            found.setdefault(path, []).append(int(entry))
+        if (namespace := wanted.get((stat.st_dev, stat.st_ino))) is not None:
+            found.setdefault(namespace, []).append(int(entry))
     return found
 
 

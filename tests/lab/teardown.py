@@ -127,5 +127,5 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         restore()
-        for signum in received[:1]:
-            signal.raise_signal(signum)
+        if received:
+            signal.raise_signal(received[0])

@@ -6,23 +6,40 @@ Bad input is a 400 with a one-line message; unknown status views are 404, as in 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from ipaddress import IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from weavenet.api import metrics
 from weavenet.api.server import HttpError, Request, Response, Router
+from weavenet.ipam import http as ipam_http
+from weavenet.ipam.errors import IpamError
+from weavenet.ipam.status import format_ipam_status
 from weavenet.mesh import status_text
+from weavenet.net.containers import AddressRequest, AttachError, Containers
+from weavenet.plugin.server import format_status as plugin_status
 
 if TYPE_CHECKING:
     from weavenet.daemon import Node
 
 
 def full_report(node: Node) -> dict[str, Any]:
-    return {"Ready": True, "Version": node.version, "Router": node.router.report()}
+    report = {"Ready": True, "Version": node.version, "Router": node.router.report()}
+    if node.ipam is not None:
+        report["IPAM"] = node.ipam.report()
+    if node.plugin is not None:
+        report["Plugin"] = node.plugin.report()
+    return report
 
 
 def status_page(node: Node) -> str:
     header = f"        Version: {node.version}\n\n"
-    return header + status_text.format_status(node.router.report())
+    text = header + status_text.format_status(node.router.report())
+    if node.ipam is not None:
+        text += "\n" + format_ipam_status(node.ipam.report())
+    if node.plugin is not None:
+        text += "\n" + plugin_status(node.plugin.report())
+    return text
 
 
 _VIEWS = {
@@ -34,6 +51,7 @@ _VIEWS = {
 
 def build_api(node: Node) -> Router:
     api = Router()
+    ipam_http.mount(api, node)  # first: its /status/ipam comes before /status/{view}
 
     @api.route("GET", "/status")
     async def status(request: Request) -> Response:
@@ -72,6 +90,8 @@ def build_api(node: Node) -> Router:
     @api.route("GET", "/metrics")
     async def metrics_page(request: Request) -> Response:
         samples = [*node.router.metrics(), *metrics.process_samples(node.started_at)]
+        if node.ipam is not None:
+            samples += node.ipam.metrics()
         return Response(200, metrics.render(samples).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     @api.route("POST", "/stop")
@@ -79,4 +99,71 @@ def build_api(node: Node) -> Router:
         node.stop_requested.set()
         return Response.empty(204)
 
+    mount_containers(api, node)
     return api
+
+
+def _containers(node: Node) -> Containers:
+    if node.containers is None:
+        raise HttpError(503, "the router is still starting")
+    return node.containers
+
+
+def _address_requests(request: Request) -> list[AddressRequest]:
+    try:
+        return [AddressRequest.parse(text) for text in request.form().get("addr", [])]
+    except AttachError as exc:
+        raise HttpError(400, str(exc)) from None
+
+
+def mount_containers(api: Router, node: Node) -> None:
+    """attach, detach, expose, hide and ps: the host's side of the overlay."""
+
+    async def guarded(call: Awaitable[list[IPv4Interface]]) -> Response:
+        try:
+            addresses = await call
+        except (AttachError, IpamError) as exc:
+            raise HttpError(400, str(exc)) from None
+        return Response.text(" ".join(str(a) for a in addresses) + "\n")
+
+    @api.route("POST", "/attach")
+    async def attach(request: Request) -> Response:
+        target = (request.form().get("target") or [""])[-1]
+        multicast = not request.flag("no-multicast-route")
+        return await guarded(_containers(node).attach(target, _address_requests(request), multicast_route=multicast))
+
+    @api.route("POST", "/detach")
+    async def detach(request: Request) -> Response:
+        target = (request.form().get("target") or [""])[-1]
+        return await guarded(_containers(node).detach(target, _address_requests(request)))
+
+    @api.route("POST", "/expose")
+    async def expose(request: Request) -> Response:
+        return await guarded(
+            _containers(node).expose(_address_requests(request), masquerade=not request.flag("skipNAT"))
+        )
+
+    @api.route("POST", "/expose/{ip}/{prefixlen:\\d+}")
+    async def expose_weave_net_path(request: Request) -> Response:
+        # Weave Net's path, kept for scripts that call the API directly.
+        text = f"{request.params['ip']}/{request.params['prefixlen']}"
+        try:
+            requests = [AddressRequest.parse(text)]
+        except AttachError as exc:
+            raise HttpError(400, str(exc)) from None
+        await guarded(_containers(node).expose(requests, masquerade=not request.flag("skipNAT")))
+        return Response.empty(204)
+
+    @api.route("POST", "/hide")
+    async def hide(request: Request) -> Response:
+        return await guarded(_containers(node).hide(_address_requests(request)))
+
+    @api.route("GET", "/ps")
+    async def ps(request: Request) -> Response:
+        rows = await _containers(node).ps()
+        if node.plugin is not None:
+            rows += await node.plugin.ps()
+        if request.wants_json():
+            return Response.json(rows)
+        lines = [f"{row['ID'][:12]} {row['MAC']} {' '.join(row['CIDRs'])}".rstrip() for row in rows]
+        return Response.text("".join(line + "\n" for line in lines))

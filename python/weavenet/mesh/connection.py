@@ -161,9 +161,14 @@ class Connection:
 
     async def _write(self, frame: bytes) -> None:
         try:
-            await self.channel.send(frame)
-        except (ChannelClosed, FramingError) as exc:
+            with trio.move_on_after(self.timings.read_timeout) as scope:
+                await self.channel.send(frame)
+        except ChannelClosed as exc:
             raise ConnectionEnded(str(exc)) from None
+        except FramingError as exc:  # the receive side broke the channel first
+            raise ConnectionEnded(f"protocol error: {exc}") from None
+        if scope.cancelled_caught:
+            raise ConnectionEnded(f"peer has not read anything for {self.timings.read_timeout:g}s (write timeout)")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -192,6 +197,14 @@ class Connection:
                 raise ConnectionEnded(f"protocol error: {exc}") from None
             except GossipError as exc:
                 raise ConnectionEnded(f"gossip rejected: {exc}") from None
+            except Exception:
+                # A bug in a subsystem's handler: one peer's message must not take the router down.
+                log.exception(
+                    "%s bug while handling a %s message; closing this connection", self, type(message).__name__
+                )
+                raise ConnectionEnded(
+                    f"internal error handling a {type(message).__name__} message (see the log)"
+                ) from None
 
 
 def _first(group: BaseExceptionGroup[ConnectionEnded]) -> ConnectionEnded:

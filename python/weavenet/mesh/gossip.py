@@ -34,6 +34,7 @@ from weavenet.mesh.routes import Routes
 log = logging.getLogger("weavenet.mesh.gossip")
 
 MAX_UNICAST_BACKLOG = 4096  # frames queued per connection before the oldest are dropped
+MAX_SURROGATES = 64  # unknown channels relayed at once; more are a misbehaving peer's, not a feature
 
 
 class GossipError(Exception):
@@ -188,7 +189,13 @@ class ConnectionSender:
 
     def _frames(self, data: GossipData, wrap: Callable[[bytes], wire.Message], channel: str) -> list[bytes]:
         frames = []
-        for payload in data.encode():
+        try:
+            payloads = data.encode()
+        except Exception:
+            log.exception("channel %s failed to encode its gossip (a bug in that subsystem): not sent", channel)
+            self._stats.dropped += 1
+            return []
+        for payload in payloads:
             if len(payload) > wire.MAX_GOSSIP_PAYLOAD:
                 log.error(
                     "channel %s produced a %d-byte payload, over the %d-byte limit: not sent (a bug in that subsystem)",
@@ -245,6 +252,14 @@ class _Surrogate:
         log.debug("unicast from %s on channel %s, which nothing here handles: ignored", src, self.name)
 
     def gossip(self) -> GossipData | None:
+        return None
+
+
+def _full_state(channel: str, gossiper: Gossiper) -> GossipData | None:
+    try:
+        return gossiper.gossip()
+    except Exception:
+        log.exception("channel %s failed to produce its full state (a bug in that subsystem)", channel)
         return None
 
 
@@ -319,6 +334,8 @@ class GossipHub:
             return gossiper
         surrogate = self._surrogates.get(channel)
         if surrogate is None:
+            if len(self._surrogates) >= MAX_SURROGATES:
+                raise GossipError(f"too many unknown gossip channels (at {channel!r}); limit {MAX_SURROGATES}")
             log.info("relaying gossip channel %r as a surrogate (no subsystem here handles it)", channel)
             surrogate = self._surrogates[channel] = _Surrogate(channel, self._gossip_interval)
         return surrogate
@@ -355,14 +372,14 @@ class GossipHub:
         if sender is None:
             return
         for channel, gossiper in self._gossipers.items():
-            data = gossiper.gossip()
+            data = _full_state(channel, gossiper)
             if data is not None:
                 sender.send_gossip(channel, data)
 
     def gossip_all(self) -> None:
         """Anti-entropy: every channel's full state to random neighbours."""
         for channel, gossiper in self._gossipers.items():
-            data = gossiper.gossip()
+            data = _full_state(channel, gossiper)
             if data is not None:
                 self.relay_gossip(channel, data, exclude=None)
 

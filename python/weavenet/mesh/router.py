@@ -15,9 +15,11 @@ and every connection that ends leaves one log line saying why.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
+import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ log = logging.getLogger("weavenet.mesh")
 PROTOCOL = "weave"
 TARGETS_KEY = "targets"
 ALL_CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _HELP_MESSAGES = "Gossip messages sent and received, by kind."
 _HELP_BYTES = "Gossip bytes sent and received, by kind."
 _HELP_DROPPED = "Gossip messages dropped (unicast backlog full, no route, oversized)."
@@ -53,10 +56,12 @@ _HELP_DROPPED = "Gossip messages dropped (unicast backlog full, no route, oversi
 
 @dataclass(frozen=True)
 class MeshTimings:
-    """Every interval the mesh uses, in seconds. Defaults are Weave Net's; tests use `fast()`."""
+    """Every interval the mesh uses, in seconds. Defaults are Weave Net's except the heartbeat:
+    Weave Net's 30 s heartbeat and 60 s read deadline left a dead link in the routes for a minute;
+    a 5 s heartbeat costs a few bytes and notices a partition in 20 s. Tests use `fast()`."""
 
-    heartbeat: float = 30.0
-    read_timeout: float = 60.0  # a connection with nothing received for this long is dead
+    heartbeat: float = 5.0
+    read_timeout: float = 20.0  # a connection with nothing received for this long is dead
     handshake_timeout: float = 10.0
     dial_timeout: float = 10.0
     gossip_interval: float = 30.0  # anti-entropy
@@ -116,6 +121,30 @@ def _remote_address(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown:0"
     return _format_address(str(host), int(port))
+
+
+def _dial_error(exc: BaseException) -> str:
+    """One line for a failed dial: the OS's words (trio wraps them as "all attempts ... failed")."""
+    if isinstance(exc, trio.TooSlowError):
+        return "connection timed out"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            words = cause.strerror.rpartition(": ")[2] or cause.strerror
+            return words[0].lower() + words[1:]
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[-1]  # trio: one error per address tried; the last says most
+            continue
+        cause = cause.__cause__
+    return str(exc)
+
+
+def _notify(callback: Callable[[Any], None], value: object) -> None:
+    """Call a subscriber; a bug in one must not stop the mesh (it is logged with its traceback)."""
+    try:
+        callback(value)
+    except Exception:
+        log.exception("subscriber %r failed (a bug in that subsystem)", callback)
 
 
 def _failure_for(reason: str) -> Failure:
@@ -232,7 +261,14 @@ class Router:
                 if tokens < 1:
                     await trio.sleep((1 - tokens) * self.timings.accept_refill)
                     continue
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                        raise
+                    log.error("cannot accept mesh connections: %s; retrying in 0.1s", os.strerror(exc.errno or 0))
+                    await trio.sleep(0.1)
+                    continue
                 tokens -= 1
                 address = _remote_address(stream)
                 if self._pending_handshakes >= self.timings.max_pending_handshakes:
@@ -254,7 +290,7 @@ class Router:
             with trio.fail_after(self.timings.dial_timeout):
                 stream = await trio.open_tcp_stream(host, port, local_address=local)
         except (OSError, trio.TooSlowError) as exc:
-            reason = "connection timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            reason = _dial_error(exc)
             log.info("->[%s] connection attempt failed: %s", address, reason)
             self._maker.attempt_failed(address, reason, Failure.TRANSIENT, trio.current_time())
             self._wake_maker()
@@ -392,12 +428,12 @@ class Router:
         if stopping:
             log.info("%s connection closed: %s", conn, reason)
             return
+        log.info("%s connection deleted: %s", conn, reason)
         if was_current:
             self._update_local_topology()
             self._gc()
         self._maker.terminated(conn.target, reason, failure, trio.current_time())
         self._wake_maker()
-        log.info("%s connection deleted: %s", conn, reason)
 
     def _update_local_topology(self) -> None:
         summaries = [
@@ -488,7 +524,7 @@ class Router:
         for record in removed:
             log.info("removed unreachable peer %s(%s)", record.name, record.nickname)
             for callback in list(self._listeners.peer_gone):
-                callback(record.name)
+                _notify(callback, record.name)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -536,7 +572,7 @@ class Router:
             self._routes_notified = True
             routes = self.routes
             for callback in list(self._listeners.routes):
-                callback(routes)
+                _notify(callback, routes)
             event, self.routes_changed = self.routes_changed, trio.Event()
             event.set()
 

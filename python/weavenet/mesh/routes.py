@@ -26,27 +26,26 @@ from weavenet.mesh.wire import PeerSummary
 UNKNOWN_PEER = "00:00:00:00:00:00"
 
 
-def _neighbours(peers: Mapping[PeerName, PeerSummary], name: PeerName, symmetric: bool) -> list[PeerName]:
-    """Peers `name` links to: every listed link, or only established links the other end confirms."""
-    record = peers.get(name)
-    if record is None:
-        return []
+Adjacency = Mapping[PeerName, tuple[PeerName, ...]]
+
+
+def adjacency(peers: Mapping[PeerName, PeerSummary], symmetric: bool) -> dict[PeerName, tuple[PeerName, ...]]:
+    """Each peer's neighbours: every listed link, or only established links the other end confirms.
+
+    Built once per topology snapshot (a set lookup per link) rather than per BFS step, which made
+    route computation cubic in a full mesh.
+    """
     if not symmetric:
-        return [c.peer for c in record.connections]
-    out = []
-    for conn in record.connections:
-        if not conn.established:
-            continue
-        remote = peers.get(conn.peer)
-        if remote is None:
-            continue
-        if any(back.peer == name and back.established for back in remote.connections):
-            out.append(conn.peer)
-    return out
+        return {name: tuple(c.peer for c in record.connections) for name, record in peers.items()}
+    established = {(name, c.peer) for name, record in peers.items() for c in record.connections if c.established}
+    return {
+        name: tuple(c.peer for c in record.connections if c.established and (c.peer, name) in established)
+        for name, record in peers.items()
+    }
 
 
 def _search(
-    peers: Mapping[PeerName, PeerSummary], start: PeerName, symmetric: bool, stop_at: PeerName | None = None
+    links: Adjacency, start: PeerName, stop_at: PeerName | None = None
 ) -> tuple[bool, dict[PeerName, PeerName | None]]:
     """BFS from `start`; returns (stopped at `stop_at`, first hop towards each reached peer)."""
     routes: dict[PeerName, PeerName | None] = {start: None}
@@ -57,7 +56,7 @@ def _search(
         for current in worklist:
             if current == stop_at:
                 return True, routes
-            for remote in _neighbours(peers, current, symmetric):
+            for remote in links.get(current, ()):
                 if remote in routes:
                     continue
                 routes[remote] = remote if current == start else routes[current]
@@ -73,14 +72,14 @@ class Routes:
     local: PeerName
     unicast: Mapping[PeerName, PeerName]
     unicast_all: Mapping[PeerName, PeerName]
-    _peers: Mapping[PeerName, PeerSummary] = field(repr=False, compare=False)
+    _links: Mapping[bool, Adjacency] = field(repr=False, compare=False)  # symmetric? → adjacency
     _broadcast: dict[tuple[PeerName, bool], tuple[PeerName, ...]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
     @classmethod
     def empty(cls, local: PeerName) -> Routes:
-        return cls(local, {}, {}, {})
+        return cls(local, {}, {}, {True: {}, False: {}})
 
     def broadcast(self, source: PeerName) -> tuple[PeerName, ...]:
         """Next hops for a broadcast from `source`, over established symmetric links (datapath)."""
@@ -96,10 +95,11 @@ class Routes:
         if cached is not None:
             return cached
         hops: tuple[PeerName, ...] = ()
-        if source in self._peers:
-            found, reached = _search(self._peers, source, symmetric, stop_at=self.local)
+        links = self._links[symmetric]
+        if source in links:
+            found, reached = _search(links, source, stop_at=self.local)
             if found:
-                hops = tuple(sorted(n for n in _neighbours(self._peers, self.local, symmetric) if n not in reached))
+                hops = tuple(sorted(n for n in links.get(self.local, ()) if n not in reached))
         self._broadcast[key] = hops
         return hops
 
@@ -128,12 +128,12 @@ class Routes:
 
 def compute_routes(local: PeerName, peers: Mapping[PeerName, PeerSummary]) -> Routes:
     """Build the route tables for `local` from a topology snapshot (the mapping is copied)."""
-    snapshot = dict(peers)
-    _, unicast = _search(snapshot, local, True)
-    _, unicast_all = _search(snapshot, local, False)
+    links = {True: adjacency(peers, True), False: adjacency(peers, False)}
+    _, unicast = _search(links[True], local)
+    _, unicast_all = _search(links[False], local)
     return Routes(
         local=local,
         unicast={dst: hop for dst, hop in unicast.items() if hop is not None},
         unicast_all={dst: hop for dst, hop in unicast_all.items() if hop is not None},
-        _peers=snapshot,
+        _links=links,
     )

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 
 from weavenet.mesh.peer_name import PeerName
-from weavenet.mesh.wire import ConnectionSummary, PeerSummary
+from weavenet.mesh.wire import MAX_VERSION, ConnectionSummary, PeerSummary
 
 __all__ = ["ConnectionSummary", "MergeResult", "PeerSummary", "Topology", "reachable"]
 
@@ -32,6 +32,11 @@ class MergeResult:
     changed: frozenset[PeerName]
     new_peers: frozenset[PeerName]  # names we had no real record for before (new or placeholder)
     restarted: frozenset[PeerName]  # known peers whose uid changed (a new incarnation)
+
+
+def _next(version: int) -> int:
+    """The version after `version`, held at the wire's ceiling (reachable only by a hostile record)."""
+    return min(version + 1, MAX_VERSION)
 
 
 def placeholder(name: PeerName, nickname: str = "", uid: int = 0) -> PeerSummary:
@@ -87,7 +92,7 @@ class Topology:
         local = self.local
         if conns == local.connections:
             return False
-        self._peers[self.local_name] = replace(local, version=local.version + 1, connections=conns)
+        self._peers[self.local_name] = replace(local, version=_next(local.version), connections=conns)
         for conn in conns:
             self._peers.setdefault(conn.peer, placeholder(conn.peer))
         return True
@@ -101,7 +106,7 @@ class Topology:
     def set_local_nickname(self, nickname: str) -> None:
         local = self.local
         if nickname != local.nickname:
-            self._peers[self.local_name] = replace(local, nickname=nickname, version=local.version + 1)
+            self._peers[self.local_name] = replace(local, nickname=nickname, version=_next(local.version))
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -117,12 +122,12 @@ class Topology:
             if record.name == self.local_name:
                 if self._stale_self(record):
                     local = self.local
-                    self._peers[self.local_name] = replace(local, version=record.version + 1)
+                    self._peers[self.local_name] = replace(local, version=_next(record.version))
                     changed.add(self.local_name)
                 continue
-            existing = self._peers.get(record.name)
-            if existing is not None and (record.version, record.uid) <= (existing.version, existing.uid):
+            if self.outdated(record.name, record.uid, record.version):
                 continue
+            existing = self._peers.get(record.name)
             if existing is None or is_placeholder(existing):
                 new_peers.add(record.name)
             elif existing.uid != record.uid:
@@ -134,6 +139,14 @@ class Topology:
             for conn in record.connections:
                 self._peers.setdefault(conn.peer, placeholder(conn.peer))
         return MergeResult(frozenset(names), frozenset(changed), frozenset(new_peers), frozenset(restarted))
+
+    def outdated(self, name: PeerName, uid: int, version: int) -> bool:
+        """Whether a gossiped record with this header loses to the one we hold (never for ours:
+        a stale record of ourselves must still be outbid)."""
+        if name == self.local_name:
+            return False
+        existing = self._peers.get(name)
+        return existing is not None and (version, uid) <= (existing.version, existing.uid)
 
     def _stale_self(self, record: PeerSummary) -> bool:
         """A record under our name that is not our current one and could beat it: outbid it."""

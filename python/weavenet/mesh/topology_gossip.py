@@ -54,7 +54,7 @@ class TopologyGossiper:
 
     def on_gossip(self, payload: bytes) -> TopologyGossipData | None:
         try:
-            records = wire.decode_topology(payload)
+            records = wire.decode_topology(payload, self._topology.outdated)
         except wire.ProtocolError as exc:
             raise GossipError(f"invalid topology update: {exc}") from None
         result = self._topology.merge(records)

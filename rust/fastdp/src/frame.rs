@@ -150,12 +150,21 @@ impl Header {
             return Err(FrameError::BadPeer);
         }
         let counter = u64::from_be_bytes(h[16..24].try_into().map_err(|_| FrameError::TooShort)?);
-        Ok(Header { kind, flags, epoch: h[3], sender, receiver, counter })
+        Ok(Header {
+            kind,
+            flags,
+            epoch: h[3],
+            sender,
+            receiver,
+            counter,
+        })
     }
 }
 
 fn read_u48(b: &[u8]) -> u64 {
-    b.iter().take(6).fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+    b.iter()
+        .take(6)
+        .fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
 }
 
 fn write_u48(out: &mut [u8], v: u64) {
@@ -196,7 +205,13 @@ impl<'a> DataBody<'a> {
             if origin == 0 || origin == destination {
                 return Err(FrameError::BadPeer);
             }
-            (Some(Route { origin, destination }), &body[ROUTE_LEN..])
+            (
+                Some(Route {
+                    origin,
+                    destination,
+                }),
+                &body[ROUTE_LEN..],
+            )
         } else {
             (None, body)
         };
@@ -282,7 +297,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn header(kind: Kind, flags: u8) -> Header {
-        Header { kind, flags, epoch: 7, sender: 0x0a0b_0c0d_0e0f, receiver: 0x1112_1314_1516, counter: 99 }
+        Header {
+            kind,
+            flags,
+            epoch: 7,
+            sender: 0x0a0b_0c0d_0e0f,
+            receiver: 0x1112_1314_1516,
+            counter: 99,
+        }
     }
 
     fn encode(h: &Header, route: Option<Route>, frames: &[Vec<u8>]) -> Vec<u8> {
@@ -339,14 +361,23 @@ mod tests {
     #[test]
     fn data_body_round_trip_routed_and_direct() {
         let frames = vec![vec![1u8; 14], vec![2u8; 1500], vec![3u8; 60]];
-        for route in [None, Some(Route { origin: 5, destination: BROADCAST })] {
+        for route in [
+            None,
+            Some(Route {
+                origin: 5,
+                destination: BROADCAST,
+            }),
+        ] {
             let flags = if route.is_some() { FLAG_ROUTED } else { 0 };
             let h = header(Kind::Data, flags);
             let dg = encode(&h, route, &frames);
             let parsed = Header::parse(&dg).unwrap();
             let body = DataBody::parse(&dg[HEADER_LEN..], parsed.routed()).unwrap();
             assert_eq!(body.route, route);
-            assert_eq!(body.frames().map(<[u8]>::to_vec).collect::<Vec<_>>(), frames);
+            assert_eq!(
+                body.frames().map(<[u8]>::to_vec).collect::<Vec<_>>(),
+                frames
+            );
         }
     }
 
@@ -356,14 +387,26 @@ mod tests {
         let dg = encode(&h, None, &[vec![9u8; 100]]);
         let body = &dg[HEADER_LEN..];
         assert!(DataBody::parse(body, false).is_ok());
-        assert_eq!(DataBody::parse(&body[..body.len() - 1], false).unwrap_err(), FrameError::BadFrame);
+        assert_eq!(
+            DataBody::parse(&body[..body.len() - 1], false).unwrap_err(),
+            FrameError::BadFrame
+        );
         assert_eq!(DataBody::parse(&[], false).unwrap_err(), FrameError::Empty);
-        assert_eq!(DataBody::parse(&[0, 13], false).unwrap_err(), FrameError::BadFrame);
-        assert_eq!(DataBody::parse(&[0; 11], true).unwrap_err(), FrameError::TooShort);
+        assert_eq!(
+            DataBody::parse(&[0, 13], false).unwrap_err(),
+            FrameError::BadFrame
+        );
+        assert_eq!(
+            DataBody::parse(&[0; 11], true).unwrap_err(),
+            FrameError::TooShort
+        );
         // A trailing partial prefix is malformed, not ignored.
         let mut extra = body.to_vec();
         extra.push(0);
-        assert_eq!(DataBody::parse(&extra, false).unwrap_err(), FrameError::BadFrame);
+        assert_eq!(
+            DataBody::parse(&extra, false).unwrap_err(),
+            FrameError::BadFrame
+        );
     }
 
     #[test]
@@ -393,24 +436,32 @@ mod tests {
                 Some((h, frames))
             }
             Kind::Heartbeat | Kind::HeartbeatAck => parse_heartbeat(body).ok().map(|_| (h, vec![])),
-            Kind::PmtuProbe | Kind::PmtuAck => parse_pmtu(body, h.kind == Kind::PmtuProbe).ok().map(|_| (h, vec![])),
+            Kind::PmtuProbe | Kind::PmtuAck => parse_pmtu(body, h.kind == Kind::PmtuProbe)
+                .ok()
+                .map(|_| (h, vec![])),
         }
     }
 
     fn arb_header() -> impl Strategy<Value = Header> {
-        (1u64..=MAX_PEER, 1u64..=MAX_PEER, any::<u8>(), any::<u64>(), any::<bool>(), any::<bool>()).prop_filter_map(
-            "distinct peers",
-            |(s, r, epoch, counter, routed, aes)| {
+        (
+            1u64..=MAX_PEER,
+            1u64..=MAX_PEER,
+            any::<u8>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_filter_map("distinct peers", |(s, r, epoch, counter, routed, aes)| {
                 (s != r).then_some(Header {
                     kind: Kind::Data,
-                    flags: if routed { FLAG_ROUTED } else { 0 } | if aes { FLAG_ENCRYPTED | FLAG_AES } else { 0 },
+                    flags: if routed { FLAG_ROUTED } else { 0 }
+                        | if aes { FLAG_ENCRYPTED | FLAG_AES } else { 0 },
                     epoch,
                     sender: s,
                     receiver: r,
                     counter,
                 })
-            },
-        )
+            })
     }
 
     proptest! {

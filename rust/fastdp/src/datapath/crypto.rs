@@ -46,14 +46,18 @@ impl Suite {
     pub fn for_this_cpu() -> Suite {
         #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
         {
-            if std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq") {
+            if std::arch::is_x86_feature_detected!("aes")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+            {
                 return Suite::Aes256Gcm;
             }
             Suite::ChaCha20Poly1305
         }
         #[cfg(target_arch = "aarch64")]
         {
-            if std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull") {
+            if std::arch::is_aarch64_feature_detected!("aes")
+                && std::arch::is_aarch64_feature_detected!("pmull")
+            {
                 return Suite::Aes256Gcm;
             }
             Suite::ChaCha20Poly1305
@@ -123,11 +127,19 @@ impl EpochKeys {
     fn new(epoch: u8, chain: Zeroizing<[u8; 32]>) -> EpochKeys {
         let aes = aead_key(&aead::AES_256_GCM, &hkdf_expand(&chain, LABEL_AES));
         let chacha = aead_key(&aead::CHACHA20_POLY1305, &hkdf_expand(&chain, LABEL_CHACHA));
-        EpochKeys { epoch, chain, aes, chacha }
+        EpochKeys {
+            epoch,
+            chain,
+            aes,
+            chacha,
+        }
     }
 
     fn next(&self) -> EpochKeys {
-        EpochKeys::new(self.epoch.wrapping_add(1), hkdf_expand(&self.chain, LABEL_NEXT))
+        EpochKeys::new(
+            self.epoch.wrapping_add(1),
+            hkdf_expand(&self.chain, LABEL_NEXT),
+        )
     }
 
     fn key(&self, suite: Suite) -> &LessSafeKey {
@@ -154,7 +166,12 @@ pub struct TxCipher {
 
 impl TxCipher {
     pub fn new(key: &[u8; 32], suite: Suite) -> TxCipher {
-        TxCipher { suite, keys: EpochKeys::new(0, Zeroizing::new(*key)), counter: 0, since: Instant::now() }
+        TxCipher {
+            suite,
+            keys: EpochKeys::new(0, Zeroizing::new(*key)),
+            counter: 0,
+            since: Instant::now(),
+        }
     }
 
     pub fn suite(&self) -> Suite {
@@ -176,7 +193,11 @@ impl TxCipher {
     /// Encrypt `body` in place under the header `aad` (already written with the epoch and counter
     /// from `next`) and write the tag to `tag`.
     pub fn seal(&self, counter: u64, aad: &[u8], body: &mut [u8], tag: &mut [u8]) {
-        match self.keys.key(self.suite).seal_in_place_separate_tag(nonce(counter), Aad::from(aad), body) {
+        match self.keys.key(self.suite).seal_in_place_separate_tag(
+            nonce(counter),
+            Aad::from(aad),
+            body,
+        ) {
             Ok(t) => tag[..TAG_LEN].copy_from_slice(t.as_ref()),
             // Only possible past the AEAD's per-message size limit, far above 64 KiB.
             Err(_) => unreachable!("datagram bodies are far below the AEAD size limit"),
@@ -206,7 +227,10 @@ const WINDOW: u64 = REPLAY_WINDOW_BITS - 64;
 
 impl Default for ReplayWindow {
     fn default() -> ReplayWindow {
-        ReplayWindow { last: 0, ring: [0; RING_BLOCKS] }
+        ReplayWindow {
+            last: 0,
+            ring: [0; RING_BLOCKS],
+        }
     }
 }
 
@@ -254,7 +278,11 @@ impl RxCipher {
     pub fn new(key: &[u8; 32]) -> RxCipher {
         let current = EpochKeys::new(0, Zeroizing::new(*key));
         let upcoming = current.next();
-        RxCipher { current: (current, ReplayWindow::default()), previous: None, upcoming }
+        RxCipher {
+            current: (current, ReplayWindow::default()),
+            previous: None,
+            upcoming,
+        }
     }
 
     /// Authenticate and decrypt `body_and_tag` in place; returns the plaintext length.
@@ -269,24 +297,39 @@ impl RxCipher {
         if body_and_tag.len() < TAG_LEN {
             return Err(OpenError::Auth);
         }
-        let suite = if flags & FLAG_AES != 0 { Suite::Aes256Gcm } else { Suite::ChaCha20Poly1305 };
+        let suite = if flags & FLAG_AES != 0 {
+            Suite::Aes256Gcm
+        } else {
+            Suite::ChaCha20Poly1305
+        };
         let plain_len = body_and_tag.len() - TAG_LEN;
         let open = |keys: &EpochKeys, buf: &mut [u8]| {
-            keys.key(suite).open_in_place(nonce(counter), Aad::from(aad), buf).map(|_| ()).map_err(|_| OpenError::Auth)
+            keys.key(suite)
+                .open_in_place(nonce(counter), Aad::from(aad), buf)
+                .map(|_| ())
+                .map_err(|_| OpenError::Auth)
         };
         if epoch == self.current.0.epoch {
             if !self.current.1.check(counter) {
                 return Err(OpenError::Replay);
             }
             open(&self.current.0, body_and_tag)?;
-            return if self.current.1.update(counter) { Ok(plain_len) } else { Err(OpenError::Replay) };
+            return if self.current.1.update(counter) {
+                Ok(plain_len)
+            } else {
+                Err(OpenError::Replay)
+            };
         }
         if let Some(prev) = self.previous.as_mut().filter(|p| p.0.epoch == epoch) {
             if !prev.1.check(counter) {
                 return Err(OpenError::Replay);
             }
             open(&prev.0, body_and_tag)?;
-            return if prev.1.update(counter) { Ok(plain_len) } else { Err(OpenError::Replay) };
+            return if prev.1.update(counter) {
+                Ok(plain_len)
+            } else {
+                Err(OpenError::Replay)
+            };
         }
         if epoch == self.upcoming.epoch {
             open(&self.upcoming, body_and_tag)?;
@@ -317,7 +360,11 @@ mod tests {
         (epoch, counter, buf)
     }
 
-    fn open_one(rx: &mut RxCipher, suite: Suite, sealed: &(u8, u64, Vec<u8>)) -> Result<Vec<u8>, OpenError> {
+    fn open_one(
+        rx: &mut RxCipher,
+        suite: Suite,
+        sealed: &(u8, u64, Vec<u8>),
+    ) -> Result<Vec<u8>, OpenError> {
         let (epoch, counter, buf) = sealed;
         let mut b = buf.clone();
         let n = rx.open(*epoch, suite.flag(), *counter, &[*epoch, 1, 2, 3], &mut b)?;
@@ -347,15 +394,30 @@ mod tests {
         for i in 0..s.2.len() {
             let mut t = s.clone();
             t.2[i] ^= 0x40;
-            assert_eq!(open_one(&mut RxCipher::new(&[7; 32]), Suite::Aes256Gcm, &t), Err(OpenError::Auth));
+            assert_eq!(
+                open_one(&mut RxCipher::new(&[7; 32]), Suite::Aes256Gcm, &t),
+                Err(OpenError::Auth)
+            );
         }
-        assert_eq!(open_one(&mut RxCipher::new(&[8; 32]), Suite::Aes256Gcm, &s), Err(OpenError::Auth));
-        assert_eq!(open_one(&mut RxCipher::new(&[7; 32]), Suite::ChaCha20Poly1305, &s), Err(OpenError::Auth));
+        assert_eq!(
+            open_one(&mut RxCipher::new(&[8; 32]), Suite::Aes256Gcm, &s),
+            Err(OpenError::Auth)
+        );
+        assert_eq!(
+            open_one(&mut RxCipher::new(&[7; 32]), Suite::ChaCha20Poly1305, &s),
+            Err(OpenError::Auth)
+        );
         // Changing the associated data (the header) fails too.
         let mut rx = RxCipher::new(&[7; 32]);
         let mut b = s.2.clone();
-        assert_eq!(rx.open(s.0, FLAG_AES, s.1, &[s.0, 1, 2, 4], &mut b), Err(OpenError::Auth));
-        assert_eq!(rx.open(s.0, FLAG_AES, s.1 + 1, &[s.0, 1, 2, 3], &mut s.2.clone()), Err(OpenError::Auth));
+        assert_eq!(
+            rx.open(s.0, FLAG_AES, s.1, &[s.0, 1, 2, 4], &mut b),
+            Err(OpenError::Auth)
+        );
+        assert_eq!(
+            rx.open(s.0, FLAG_AES, s.1 + 1, &[s.0, 1, 2, 3], &mut s.2.clone()),
+            Err(OpenError::Auth)
+        );
         // A failed forgery does not burn the counter: the real datagram still opens.
         assert!(open_one(&mut rx, Suite::Aes256Gcm, &s).is_ok());
     }
@@ -365,14 +427,25 @@ mod tests {
         let now = Instant::now();
         let mut tx = TxCipher::new(&[1; 32], Suite::ChaCha20Poly1305);
         let mut rx = RxCipher::new(&[1; 32]);
-        let sealed: Vec<_> = (0..3000).map(|i| seal_one(&mut tx, now, &[i as u8; 20])).collect();
+        let sealed: Vec<_> = (0..3000)
+            .map(|i| seal_one(&mut tx, now, &[i as u8; 20]))
+            .collect();
         assert!(open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[2999]).is_ok());
-        assert_eq!(open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[2999]), Err(OpenError::Replay));
+        assert_eq!(
+            open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[2999]),
+            Err(OpenError::Replay)
+        );
         // 1500 behind the newest: still inside the window, once.
         assert!(open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[1499]).is_ok());
-        assert_eq!(open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[1499]), Err(OpenError::Replay));
+        assert_eq!(
+            open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[1499]),
+            Err(OpenError::Replay)
+        );
         // Too old.
-        assert_eq!(open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[10]), Err(OpenError::Replay));
+        assert_eq!(
+            open_one(&mut rx, Suite::ChaCha20Poly1305, &sealed[10]),
+            Err(OpenError::Replay)
+        );
     }
 
     #[test]
@@ -383,10 +456,16 @@ mod tests {
         let mut max: Option<u64> = None;
         let mut x: u64 = 12345;
         for _ in 0..20_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let base = max.unwrap_or(0);
             let delta = (x >> 33) % 3000;
-            let c = if x & 1 == 0 { base + delta % 70 } else { base.saturating_sub(delta) };
+            let c = if x & 1 == 0 {
+                base + delta % 70
+            } else {
+                base.saturating_sub(delta)
+            };
             let m = max.unwrap_or(0);
             let expect = c > m || (m - c <= REPLAY_WINDOW_BITS - 64 && !seen.contains(&c));
             assert_eq!(w.update(c), expect, "counter {c} max {max:?}");
@@ -408,16 +487,29 @@ mod tests {
         tx.counter = REKEY_AFTER_PACKETS;
         let b = seal_one(&mut tx, t0, b"epoch1");
         assert_eq!((b.0, b.1), (1, 0));
-        let c = seal_one(&mut tx, t0 + REKEY_AFTER + Duration::from_secs(1), b"epoch2");
+        let c = seal_one(
+            &mut tx,
+            t0 + REKEY_AFTER + Duration::from_secs(1),
+            b"epoch2",
+        );
         assert_eq!((c.0, c.1), (2, 0));
         assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &a).unwrap(), b"epoch0");
         assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &b).unwrap(), b"epoch1");
         // A straggler of the previous epoch still opens once.
-        assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &late).unwrap(), b"epoch0-late");
-        assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &late), Err(OpenError::Replay));
+        assert_eq!(
+            open_one(&mut rx, Suite::Aes256Gcm, &late).unwrap(),
+            b"epoch0-late"
+        );
+        assert_eq!(
+            open_one(&mut rx, Suite::Aes256Gcm, &late),
+            Err(OpenError::Replay)
+        );
         assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &c).unwrap(), b"epoch2");
         // Two epochs back is gone.
-        assert_eq!(open_one(&mut rx, Suite::Aes256Gcm, &a), Err(OpenError::Auth));
+        assert_eq!(
+            open_one(&mut rx, Suite::Aes256Gcm, &a),
+            Err(OpenError::Auth)
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ pub fn is_multicast(mac: &Mac) -> bool {
 }
 
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Fdb {
@@ -62,7 +65,13 @@ impl Fdb {
         let Ok(mut map) = self.map.write() else {
             return Learned::Known;
         };
-        let old = map.insert(mac, Entry { peer, seen: AtomicU64::new(now_s) });
+        let old = map.insert(
+            mac,
+            Entry {
+                peer,
+                seen: AtomicU64::new(now_s),
+            },
+        );
         match old {
             None => Learned::New,
             Some(e) if e.peer == peer => Learned::Known,

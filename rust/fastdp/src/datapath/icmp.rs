@@ -97,7 +97,10 @@ pub fn answer(frame: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
         out.extend_from_slice(&[2, 0, 0, 0]);
         out.extend_from_slice(&u32::from(mtu).to_be_bytes());
         out.extend_from_slice(quoted);
-        let sum = add_sums(pseudo_sum(&ip[8..40], 58, plen), ones_sum(&out[icmp_start..]));
+        let sum = add_sums(
+            pseudo_sum(&ip[8..40], 58, plen),
+            ones_sum(&out[icmp_start..]),
+        );
         out[icmp_start + 2..icmp_start + 4].copy_from_slice(&(!sum).to_be_bytes());
     }
     true
@@ -106,7 +109,12 @@ pub fn answer(frame: &[u8], mtu: u16, out: &mut Vec<u8>) -> bool {
 /// Split an IPv4 packet without DF into fragments whose IP length is at most `mtu`, each a full
 /// Ethernet frame pushed to `out` with its range in `segs` (RFC 791; the receiver's stack
 /// reassembles). Returns false if the frame cannot be fragmented.
-pub fn fragment_ipv4(frame: &[u8], mtu: usize, out: &mut Vec<u8>, segs: &mut Vec<std::ops::Range<usize>>) -> bool {
+pub fn fragment_ipv4(
+    frame: &[u8],
+    mtu: usize,
+    out: &mut Vec<u8>,
+    segs: &mut Vec<std::ops::Range<usize>>,
+) -> bool {
     if frame.len() < ETH_LEN + 20 || frame[12..14] != [0x08, 0x00] {
         return false;
     }

@@ -53,6 +53,20 @@ pub fn overlay_mtu(underlay_mtu: usize, encrypted: bool, ipv6_underlay: bool) ->
     underlay_mtu.saturating_sub(ip_udp + overhead(encrypted))
 }
 
+/// Default busy-poll window after activity (off): a thread keeps polling this long before it
+/// sleeps. Measured on the 2-core VM it did not lower RTT beyond noise once the receive thread
+/// sends answers itself (`SendThread::poke`), and it costs CPU other work needs.
+/// `WEAVENET_DP_SPIN_US` sets it (e.g. 50) for experiments on other machines.
+pub const DEFAULT_SPIN_US: u64 = 0;
+
+fn spin_from_env() -> std::time::Duration {
+    let us = std::env::var("WEAVENET_DP_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_SPIN_US);
+    std::time::Duration::from_micros(us.min(10_000))
+}
+
 /// What the router configures once.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -73,6 +87,8 @@ pub enum Event {
     Pmtu(u64, u32),
     MacLearned(Mac, u64),
     MacMoved(Mac, u64, u64),
+    /// A datapath thread died (a bug): the datapath has stopped; the router should reopen it.
+    Failed(String),
 }
 
 /// Queue of events plus the eventfd the router's loop waits on.
@@ -98,7 +114,10 @@ impl Events {
 
     pub fn drain(&self) -> Vec<Event> {
         self.fd.clear();
-        self.queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
+        self.queue
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -131,6 +150,8 @@ pub struct Shared {
     pub local: u64,
     pub mtu: usize,
     pub pool: Pool,
+    /// How long a thread keeps polling without sleeping after activity (latency vs idle CPU).
+    pub spin: std::time::Duration,
 }
 
 impl Shared {
@@ -138,9 +159,13 @@ impl Shared {
         self.start.elapsed().as_nanos() as u64
     }
 
-    /// Learn a source MAC and report news.
-    pub fn learn(&self, mac: Mac, peer: u64) {
-        let now_s = self.start.elapsed().as_secs();
+    /// Learn a source MAC and report news. `last` caches the previous call's arguments, so a
+    /// burst from one MAC costs a comparison, not a hash lookup.
+    pub fn learn(&self, last: &mut Option<(Mac, u64, u64)>, mac: Mac, peer: u64, now_s: u64) {
+        if *last == Some((mac, peer, now_s)) {
+            return;
+        }
+        *last = Some((mac, peer, now_s));
         match self.fdb.learn(mac, peer, now_s) {
             fdb::Learned::Known => {}
             fdb::Learned::New => self.events.push(Event::MacLearned(mac, peer)),
@@ -151,7 +176,12 @@ impl Shared {
 
 /// Control commands to a thread.
 pub enum Cmd {
-    SetPeer { id: u64, addr: SocketAddr, key: Option<[u8; 32]>, stats: Arc<PeerStats> },
+    SetPeer {
+        id: u64,
+        addr: SocketAddr,
+        key: Option<[u8; 32]>,
+        stats: Arc<PeerStats>,
+    },
     RemovePeer(u64),
     Routes(Arc<Routes>),
 }
@@ -159,9 +189,40 @@ pub enum Cmd {
 /// Work the receive thread hands to the send thread.
 pub enum TxWork {
     /// A frame to pass on: towards `destination`, or along `origin`'s tree when broadcast.
-    Relay { from_hop: u64, origin: u64, destination: u64, frame: Vec<u8> },
+    Relay {
+        from_hop: u64,
+        origin: u64,
+        destination: u64,
+        frame: Vec<u8>,
+    },
     /// A control datagram to `peer`.
-    Control { peer: u64, kind: Kind, body: Vec<u8> },
+    Control {
+        peer: u64,
+        kind: Kind,
+        body: Vec<u8>,
+    },
+}
+
+/// Run a thread body; if it panics (a bug), stop the datapath and tell the router instead of
+/// leaving half a datapath running silently.
+fn guarded(
+    shared: Arc<Shared>,
+    name: &'static str,
+    body: impl FnOnce() + Send + 'static,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            shared.shutdown.store(true, Relaxed);
+            shared.events.push(Event::Failed(format!(
+                "datapath {name} thread failed: {what}"
+            )));
+        }
+    }
 }
 
 /// A control handle to one datapath thread.
@@ -196,16 +257,26 @@ impl Datapath {
     /// Create the TAP, bind the socket and start the threads (in the caller's network namespace).
     pub fn open(cfg: Config) -> io::Result<Datapath> {
         if cfg.local == 0 || cfg.local > frame::MAX_PEER {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "local peer id must be a non-zero 48-bit value"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "local peer id must be a non-zero 48-bit value",
+            ));
         }
         if !(576..=65000).contains(&cfg.mtu) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "mtu must be between 576 and 65000"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mtu must be between 576 and 65000",
+            ));
         }
         let tap = Arc::new(tap::Tap::open(&cfg.tap_name)?);
         let udp = Arc::new(udp::Udp::bind(cfg.bind, cfg.udp_port)?);
         let shared = Arc::new(Shared {
             stats: Stats::default(),
-            events: Events { queue: Mutex::new(VecDeque::new()), fd: EventFd::new()?, dropped: AtomicU64::new(0) },
+            events: Events {
+                queue: Mutex::new(VecDeque::new()),
+                fd: EventFd::new()?,
+                dropped: AtomicU64::new(0),
+            },
             fdb: Fdb::default(),
             peers: Mutex::new(HashMap::new()),
             start: Instant::now(),
@@ -213,6 +284,7 @@ impl Datapath {
             local: cfg.local,
             mtu: cfg.mtu,
             pool: Pool::new(4096),
+            spin: spin_from_env(),
         });
         let suite = crypto::Suite::for_this_cpu();
         let (tx_cmds, tx_cmd_rx): (Sender<Cmd>, Receiver<Cmd>) = mpsc::channel();
@@ -220,7 +292,7 @@ impl Datapath {
         let (work_tx, work_rx): (SyncSender<TxWork>, Receiver<TxWork>) = mpsc::sync_channel(8192);
         let tx_wake = Arc::new(EventFd::new()?);
         let rx_wake = Arc::new(EventFd::new()?);
-        let sender = send::SendThread::new(
+        let sender = Arc::new(Mutex::new(send::SendThread::new(
             shared.clone(),
             tap.clone(),
             udp.clone(),
@@ -228,17 +300,37 @@ impl Datapath {
             work_rx,
             tx_wake.clone(),
             suite,
+        )));
+        let receiver = receive::ReceiveThread::new(
+            sender.clone(),
+            shared.clone(),
+            tap.clone(),
+            udp.clone(),
+            rx_cmd_rx,
+            work_tx,
+            rx_wake.clone(),
+            tx_wake.clone(),
         );
-        let receiver =
-            receive::ReceiveThread::new(shared.clone(), tap.clone(), udp.clone(), rx_cmd_rx, work_tx, rx_wake.clone(), tx_wake.clone());
         let threads = vec![
-            std::thread::Builder::new().name("weave-dp-send".into()).spawn(move || sender.run())?,
-            std::thread::Builder::new().name("weave-dp-recv".into()).spawn(move || receiver.run())?,
+            std::thread::Builder::new()
+                .name(format!("dp-send-{:04x}", cfg.local & 0xffff))
+                .spawn(guarded(shared.clone(), "send", move || {
+                    send::SendThread::run(sender)
+                }))?,
+            std::thread::Builder::new()
+                .name(format!("dp-recv-{:04x}", cfg.local & 0xffff))
+                .spawn(guarded(shared.clone(), "receive", move || receiver.run()))?,
         ];
         Ok(Datapath {
             shared,
-            tx: Control { cmds: tx_cmds, wake: tx_wake },
-            rx: Control { cmds: rx_cmds, wake: rx_wake },
+            tx: Control {
+                cmds: tx_cmds,
+                wake: tx_wake,
+            },
+            rx: Control {
+                cmds: rx_cmds,
+                wake: rx_wake,
+            },
             threads,
             tap_name: tap.name().to_string(),
             udp_port: udp.port(),
@@ -254,16 +346,49 @@ impl Datapath {
     }
 
     /// Add or replace a peer. `keys` = (our tx key, our rx key); None for plain mode.
-    pub fn set_peer(&self, id: u64, addr: SocketAddr, keys: Option<([u8; 32], [u8; 32])>) -> io::Result<()> {
+    pub fn set_peer(
+        &self,
+        id: u64,
+        addr: SocketAddr,
+        keys: Option<([u8; 32], [u8; 32])>,
+    ) -> io::Result<()> {
         if id == 0 || id > frame::MAX_PEER || id == self.shared.local {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "peer id must be a non-zero 48-bit value other than ours"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "peer id must be a non-zero 48-bit value other than ours",
+            ));
         }
-        let stats = Arc::new(PeerStats::default());
-        if let Ok(mut peers) = self.shared.peers.lock() {
-            peers.insert(id, PeerInfo { addr, encrypted: keys.is_some(), stats: stats.clone() });
-        }
-        self.tx.send(Cmd::SetPeer { id, addr, key: keys.map(|k| k.0), stats: stats.clone() });
-        self.rx.send(Cmd::SetPeer { id, addr, key: keys.map(|k| k.1), stats });
+        let stats = {
+            let mut peers = self
+                .shared
+                .peers
+                .lock()
+                .map_err(|_| io::Error::other("datapath lock poisoned"))?;
+            // A peer set again keeps its counters (and, with the same keys, its crypto state).
+            let stats: Arc<PeerStats> = peers.get(&id).map(|p| p.stats.clone()).unwrap_or_default();
+            let encrypted = keys.is_some();
+            peers.insert(
+                id,
+                PeerInfo {
+                    addr,
+                    encrypted,
+                    stats: stats.clone(),
+                },
+            );
+            stats
+        };
+        self.tx.send(Cmd::SetPeer {
+            id,
+            addr,
+            key: keys.map(|k| k.0),
+            stats: stats.clone(),
+        });
+        self.rx.send(Cmd::SetPeer {
+            id,
+            addr,
+            key: keys.map(|k| k.1),
+            stats,
+        });
         Ok(())
     }
 

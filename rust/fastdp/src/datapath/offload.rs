@@ -7,6 +7,7 @@
 //! packets. Pure functions over byte buffers: no I/O, and never a panic on malformed input (an
 //! unusable frame is an `Err`).
 
+#[cfg(test)]
 use std::ops::Range;
 
 /// Length of the `virtio_net_hdr` the TAP prepends (IFF_VNET_HDR, default size).
@@ -157,7 +158,11 @@ fn layout(frame: &[u8], csum_start: Option<usize>) -> Result<Layout, OffloadErro
             if frame[ETH_LEN] >> 4 != 4 || ihl < 20 || frame.len() < ETH_LEN + ihl {
                 return Err(OffloadError::Malformed);
             }
-            Ok(Layout { v6: false, l4: ETH_LEN + ihl, proto: frame[ETH_LEN + 9] })
+            Ok(Layout {
+                v6: false,
+                l4: ETH_LEN + ihl,
+                proto: frame[ETH_LEN + 9],
+            })
         }
         ETHERTYPE_IPV6 => {
             if frame.len() < ETH_LEN + 40 || frame[ETH_LEN] >> 4 != 6 {
@@ -166,10 +171,22 @@ fn layout(frame: &[u8], csum_start: Option<usize>) -> Result<Layout, OffloadErro
             let next = frame[ETH_LEN + 6];
             match csum_start {
                 Some(s) if s >= ETH_LEN + 40 && s <= frame.len() => {
-                    let proto = if next == PROTO_TCP || next == PROTO_UDP { next } else { 0 };
-                    Ok(Layout { v6: true, l4: s, proto })
+                    let proto = if next == PROTO_TCP || next == PROTO_UDP {
+                        next
+                    } else {
+                        0
+                    };
+                    Ok(Layout {
+                        v6: true,
+                        l4: s,
+                        proto,
+                    })
                 }
-                _ => Ok(Layout { v6: true, l4: ETH_LEN + 40, proto: next }),
+                _ => Ok(Layout {
+                    v6: true,
+                    l4: ETH_LEN + 40,
+                    proto: next,
+                }),
             }
         }
         _ => Err(OffloadError::Malformed),
@@ -178,7 +195,11 @@ fn layout(frame: &[u8], csum_start: Option<usize>) -> Result<Layout, OffloadErro
 
 /// Complete a partial checksum (VIRTIO_NET_HDR_F_NEEDS_CSUM) in place: the field at
 /// `start + offset` holds the pseudo-header sum; the checksum covers everything from `start`.
-pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Result<(), OffloadError> {
+pub fn complete_checksum(
+    frame: &mut [u8],
+    start: usize,
+    offset: usize,
+) -> Result<(), OffloadError> {
     let field = start.checked_add(offset).ok_or(OffloadError::Malformed)?;
     if field + 2 > frame.len() {
         return Err(OffloadError::Malformed);
@@ -189,36 +210,30 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Resul
 }
 
 /// Outcome of preparing a frame read from the TAP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prepared {
+pub enum Prepared<'a> {
     /// The frame (checksum completed in place if needed) goes as it is.
-    Single,
-    /// The frame was a super-frame: its segments are the ranges pushed into `out`.
-    Segmented,
+    Single(&'a [u8]),
+    /// The frame was a super-frame, to be cut into these segments.
+    Segmented(Segmenter<'a>),
 }
 
 /// Turn one TAP read (`frame` after its vnet header `h`) into wire-ready Ethernet frames.
-pub fn prepare(
-    frame: &mut [u8],
-    h: &VnetHdr,
-    out: &mut Vec<u8>,
-    segs: &mut Vec<Range<usize>>,
-) -> Result<Prepared, OffloadError> {
+pub fn prepare<'a>(frame: &'a mut [u8], h: &VnetHdr) -> Result<Prepared<'a>, OffloadError> {
+    let csum_start = Some(usize::from(h.csum_start));
+    let size = usize::from(h.gso_size);
     match h.gso_type & !GSO_ECN {
         GSO_NONE => {
             if h.flags & F_NEEDS_CSUM != 0 {
                 complete_checksum(frame, usize::from(h.csum_start), usize::from(h.csum_offset))?;
             }
-            Ok(Prepared::Single)
+            Ok(Prepared::Single(frame))
         }
-        GSO_TCPV4 | GSO_TCPV6 => {
-            segment_tcp(frame, usize::from(h.gso_size), Some(usize::from(h.csum_start)), out, segs)?;
-            Ok(Prepared::Segmented)
-        }
-        GSO_UDP_L4 => {
-            segment_udp(frame, usize::from(h.gso_size), Some(usize::from(h.csum_start)), out, segs)?;
-            Ok(Prepared::Segmented)
-        }
+        GSO_TCPV4 | GSO_TCPV6 => Ok(Prepared::Segmented(Segmenter::tcp(
+            frame, size, csum_start,
+        )?)),
+        GSO_UDP_L4 => Ok(Prepared::Segmented(Segmenter::udp(
+            frame, size, csum_start,
+        )?)),
         _ => Err(OffloadError::Malformed),
     }
 }
@@ -239,8 +254,140 @@ fn fix_ip(seg: &mut [u8], lay: &Layout, index: u16) {
     }
 }
 
-/// Split a TCP super-frame into segments of at most `mss` payload bytes, each with correct
-/// IP and TCP headers and checksums.
+/// A TCP or UDP super-frame being cut into segments of at most `size` payload bytes. Each segment
+/// is written straight into its destination (the datagram being assembled), with correct IP and
+/// L4 headers and checksums.
+pub struct Segmenter<'a> {
+    frame: &'a [u8],
+    lay: Layout,
+    hdrs: usize,
+    size: usize,
+    count: usize,
+    /// TCP: first sequence number and flags.
+    tcp: Option<(u32, u8)>,
+}
+
+impl<'a> Segmenter<'a> {
+    pub fn tcp(
+        frame: &'a [u8],
+        mss: usize,
+        csum_start: Option<usize>,
+    ) -> Result<Segmenter<'a>, OffloadError> {
+        let lay = layout(frame, csum_start)?;
+        if lay.proto != PROTO_TCP || mss == 0 || frame.len() < lay.l4 + 20 {
+            return Err(OffloadError::Malformed);
+        }
+        let t = lay.l4;
+        let thl = usize::from(frame[t + 12] >> 4) * 4;
+        let hdrs = t + thl;
+        if thl < 20 || frame.len() < hdrs {
+            return Err(OffloadError::Malformed);
+        }
+        let seq = u32::from_be_bytes([frame[t + 4], frame[t + 5], frame[t + 6], frame[t + 7]]);
+        let count = (frame.len() - hdrs).div_ceil(mss).max(1);
+        Ok(Segmenter {
+            frame,
+            lay,
+            hdrs,
+            size: mss,
+            count,
+            tcp: Some((seq, frame[t + 13])),
+        })
+    }
+
+    pub fn udp(
+        frame: &'a [u8],
+        size: usize,
+        csum_start: Option<usize>,
+    ) -> Result<Segmenter<'a>, OffloadError> {
+        let lay = layout(frame, csum_start)?;
+        let hdrs = lay.l4 + 8;
+        if lay.proto != PROTO_UDP || size == 0 || frame.len() < hdrs {
+            return Err(OffloadError::Malformed);
+        }
+        let count = (frame.len() - hdrs).div_ceil(size).max(1);
+        Ok(Segmenter {
+            frame,
+            lay,
+            hdrs,
+            size,
+            count,
+            tcp: None,
+        })
+    }
+
+    /// How many segments.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    fn chunk(&self, i: usize) -> &'a [u8] {
+        let payload = &self.frame[self.hdrs..];
+        &payload[(i * self.size).min(payload.len())..((i + 1) * self.size).min(payload.len())]
+    }
+
+    /// Length of segment `i` (a whole Ethernet frame).
+    pub fn len(&self, i: usize) -> usize {
+        self.hdrs + self.chunk(i).len()
+    }
+
+    /// Write segment `i` into `seg`, which must be exactly `len(i)` bytes.
+    pub fn write(&self, i: usize, seg: &mut [u8]) {
+        let chunk = self.chunk(i);
+        seg[..self.hdrs].copy_from_slice(&self.frame[..self.hdrs]);
+        seg[self.hdrs..].copy_from_slice(chunk);
+        let lay = &self.lay;
+        fix_ip(seg, lay, i as u16);
+        let t = lay.l4;
+        let l4_len = seg.len() - t;
+        match self.tcp {
+            Some((seq, flags)) => {
+                seg[t + 4..t + 8]
+                    .copy_from_slice(&seq.wrapping_add((i * self.size) as u32).to_be_bytes());
+                let mut f = flags;
+                if i + 1 < self.count {
+                    f &= !(TCP_FIN | TCP_PSH);
+                }
+                if i > 0 {
+                    f &= !TCP_CWR;
+                }
+                seg[t + 13] = f;
+                put_u16(seg, t + 16, 0);
+                let sum = !add_sums(
+                    pseudo_sum(lay.addrs(seg), PROTO_TCP, l4_len),
+                    ones_sum(&seg[t..]),
+                );
+                put_u16(seg, t + 16, sum);
+            }
+            None => {
+                put_u16(seg, t + 4, l4_len as u16);
+                put_u16(seg, t + 6, 0);
+                let mut sum = !add_sums(
+                    pseudo_sum(lay.addrs(seg), PROTO_UDP, l4_len),
+                    ones_sum(&seg[t..]),
+                );
+                if sum == 0 {
+                    sum = 0xffff;
+                }
+                put_u16(seg, t + 6, sum);
+            }
+        }
+    }
+
+    /// Append every segment to `out`, recording their ranges.
+    #[cfg(test)]
+    pub fn write_all(&self, out: &mut Vec<u8>, segs: &mut Vec<Range<usize>>) {
+        for i in 0..self.count {
+            let start = out.len();
+            out.resize(start + self.len(i), 0);
+            self.write(i, &mut out[start..]);
+            segs.push(start..out.len());
+        }
+    }
+}
+
+/// Split a TCP super-frame into segments of at most `mss` payload bytes, into `out`.
+#[cfg(test)]
 pub fn segment_tcp(
     frame: &[u8],
     mss: usize,
@@ -248,46 +395,12 @@ pub fn segment_tcp(
     out: &mut Vec<u8>,
     segs: &mut Vec<Range<usize>>,
 ) -> Result<(), OffloadError> {
-    let lay = layout(frame, csum_start)?;
-    if lay.proto != PROTO_TCP || mss == 0 || frame.len() < lay.l4 + 20 {
-        return Err(OffloadError::Malformed);
-    }
-    let thl = usize::from(frame[lay.l4 + 12] >> 4) * 4;
-    let hdrs = lay.l4 + thl;
-    if thl < 20 || frame.len() < hdrs {
-        return Err(OffloadError::Malformed);
-    }
-    let payload = &frame[hdrs..];
-    let seq = u32::from_be_bytes([frame[lay.l4 + 4], frame[lay.l4 + 5], frame[lay.l4 + 6], frame[lay.l4 + 7]]);
-    let flags = frame[lay.l4 + 13];
-    let n = payload.len().div_ceil(mss).max(1);
-    for i in 0..n {
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let start = out.len();
-        out.extend_from_slice(&frame[..hdrs]);
-        out.extend_from_slice(chunk);
-        let seg = &mut out[start..];
-        fix_ip(seg, &lay, i as u16);
-        let t = lay.l4;
-        seg[t + 4..t + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
-        let mut f = flags;
-        if i + 1 < n {
-            f &= !(TCP_FIN | TCP_PSH);
-        }
-        if i > 0 {
-            f &= !TCP_CWR;
-        }
-        seg[t + 13] = f;
-        put_u16(seg, t + 16, 0);
-        let l4_len = seg.len() - t;
-        let sum = !add_sums(pseudo_sum(lay.addrs(seg), PROTO_TCP, l4_len), ones_sum(&seg[t..]));
-        put_u16(seg, t + 16, sum);
-        segs.push(start..out.len());
-    }
+    Segmenter::tcp(frame, mss, csum_start)?.write_all(out, segs);
     Ok(())
 }
 
 /// Split a UDP super-frame (UDP GSO, `VIRTIO_NET_HDR_GSO_UDP_L4`) into datagrams of `size` payload.
+#[cfg(test)]
 pub fn segment_udp(
     frame: &[u8],
     size: usize,
@@ -295,31 +408,7 @@ pub fn segment_udp(
     out: &mut Vec<u8>,
     segs: &mut Vec<Range<usize>>,
 ) -> Result<(), OffloadError> {
-    let lay = layout(frame, csum_start)?;
-    let hdrs = lay.l4 + 8;
-    if lay.proto != PROTO_UDP || size == 0 || frame.len() < hdrs {
-        return Err(OffloadError::Malformed);
-    }
-    let payload = &frame[hdrs..];
-    let n = payload.len().div_ceil(size).max(1);
-    for i in 0..n {
-        let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
-        let start = out.len();
-        out.extend_from_slice(&frame[..hdrs]);
-        out.extend_from_slice(chunk);
-        let seg = &mut out[start..];
-        fix_ip(seg, &lay, i as u16);
-        let u = lay.l4;
-        let l4_len = seg.len() - u;
-        put_u16(seg, u + 4, l4_len as u16);
-        put_u16(seg, u + 6, 0);
-        let mut sum = !add_sums(pseudo_sum(lay.addrs(seg), PROTO_UDP, l4_len), ones_sum(&seg[u..]));
-        if sum == 0 {
-            sum = 0xffff;
-        }
-        put_u16(seg, u + 6, sum);
-        segs.push(start..out.len());
-    }
+    Segmenter::udp(frame, size, csum_start)?.write_all(out, segs);
     Ok(())
 }
 
@@ -377,7 +466,9 @@ fn tcp_view(frame: &[u8]) -> Option<TcpView> {
     if !lay.v6 {
         let ip = ETH_LEN;
         // No IP options, not a fragment, and the frame is exactly the IP packet (no padding).
-        if lay.l4 != ip + 20 || get_u16(frame, ip + 6) & 0x3fff != 0 || usize::from(get_u16(frame, ip + 2)) != frame.len() - ip
+        if lay.l4 != ip + 20
+            || get_u16(frame, ip + 6) & 0x3fff != 0
+            || usize::from(get_u16(frame, ip + 2)) != frame.len() - ip
         {
             return None;
         }
@@ -399,7 +490,12 @@ fn tcp_view(frame: &[u8]) -> Option<TcpView> {
     let seq = u32::from_be_bytes([frame[t + 4], frame[t + 5], frame[t + 6], frame[t + 7]]);
     Some(TcpView {
         lay,
-        key: FlowKey { addrs, ports, ack, v6: lay.v6 },
+        key: FlowKey {
+            addrs,
+            ports,
+            ack,
+            v6: lay.v6,
+        },
         hdrs: t + thl,
         seq,
         flags,
@@ -418,10 +514,15 @@ fn headers_match(item: &Item, frame: &[u8], v: &TcpView) -> bool {
     let ip_same = if v.lay.v6 {
         first[ip..ip + 4] == frame[ip..ip + 4] && first[ip + 7] == frame[ip + 7]
     } else {
-        first[ip + 1] == frame[ip + 1] && first[ip + 6] == frame[ip + 6] && first[ip + 8] == frame[ip + 8]
+        first[ip + 1] == frame[ip + 1]
+            && first[ip + 6] == frame[ip + 6]
+            && first[ip + 8] == frame[ip + 8]
     };
     let t = item.l4;
-    ip_same && first[..ETH_LEN] == frame[..ETH_LEN] && first[t + 14..t + 16] == frame[t + 14..t + 16] && first[t + 20..v.hdrs] == frame[t + 20..v.hdrs]
+    ip_same
+        && first[..ETH_LEN] == frame[..ETH_LEN]
+        && first[t + 14..t + 16] == frame[t + 14..t + 16]
+        && first[t + 20..v.hdrs] == frame[t + 20..v.hdrs]
 }
 
 impl Coalescer {
@@ -439,11 +540,19 @@ impl Coalescer {
             write(&plain_vnet_hdr(), frame);
             return;
         }
-        if let Some(i) = self.items.iter().position(|it| it.key == v.key && !it.closed) {
+        if let Some(i) = self
+            .items
+            .iter()
+            .position(|it| it.key == v.key && !it.closed)
+        {
             let it = &self.items[i];
             let ip_len = it.buf.len() - VNET_HDR_LEN - ETH_LEN + v.payload_len;
             let fits = ip_len <= MAX_COALESCED_IP_LEN;
-            if v.seq == it.next_seq && v.payload_len <= it.gso_size && fits && headers_match(it, frame, &v) {
+            if v.seq == it.next_seq
+                && v.payload_len <= it.gso_size
+                && fits
+                && headers_match(it, frame, &v)
+            {
                 let it = &mut self.items[i];
                 it.buf.extend_from_slice(&frame[v.hdrs..]);
                 it.next_seq = it.next_seq.wrapping_add(v.payload_len as u32);
@@ -483,7 +592,11 @@ impl Coalescer {
     }
 
     fn flush_key<W: FnMut(&[u8], &[u8])>(&mut self, key: &FlowKey, write: &mut W) {
-        while let Some(i) = self.items.iter().position(|it| it.key.addrs == key.addrs && it.key.ports == key.ports) {
+        while let Some(i) = self
+            .items
+            .iter()
+            .position(|it| it.key.addrs == key.addrs && it.key.ports == key.ports)
+        {
             let old = self.items.remove(i);
             self.emit(old, write);
         }
@@ -501,7 +614,11 @@ impl Coalescer {
             write(&plain_vnet_hdr(), &it.buf[VNET_HDR_LEN..]);
         } else {
             let (hdr, frame) = it.buf.split_at_mut(VNET_HDR_LEN);
-            let lay = Layout { v6: it.key.v6, l4: it.l4, proto: PROTO_TCP };
+            let lay = Layout {
+                v6: it.key.v6,
+                l4: it.l4,
+                proto: PROTO_TCP,
+            };
             if lay.v6 {
                 let payload = frame.len() - ETH_LEN - 40;
                 put_u16(frame, ETH_LEN + 4, payload as u16);
@@ -537,7 +654,11 @@ impl Coalescer {
 /// on the underlay, full checksums computed by the sender).
 pub fn plain_vnet_hdr() -> [u8; VNET_HDR_LEN] {
     let mut h = [0u8; VNET_HDR_LEN];
-    VnetHdr { flags: F_DATA_VALID, ..VnetHdr::default() }.write(&mut h);
+    VnetHdr {
+        flags: F_DATA_VALID,
+        ..VnetHdr::default()
+    }
+    .write(&mut h);
     h
 }
 
@@ -563,14 +684,20 @@ pub(crate) mod tests {
 
     /// A TCP/IPv4 frame with `payload`, optional TCP options (timestamps), correct checksums.
     pub(crate) fn tcp4_frame(seq: u32, flags: u8, payload: &[u8], with_options: bool) -> Vec<u8> {
-        let opts: &[u8] = if with_options { &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2] } else { &[] };
+        let opts: &[u8] = if with_options {
+            &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]
+        } else {
+            &[]
+        };
         let thl = 20 + opts.len();
         let mut f = vec![0u8; ETH_LEN];
         f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
         f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let total = 20 + thl + payload.len();
-        let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         let c = reference_checksum(&[&ip]);
         ip[10..12].copy_from_slice(&c.to_be_bytes());
@@ -583,7 +710,12 @@ pub(crate) mod tests {
         tcp[13] = flags;
         tcp[14..16].copy_from_slice(&1000u16.to_be_bytes());
         tcp.extend_from_slice(opts);
-        let pseudo = [&ip[12..20], &[0, PROTO_TCP], &((thl + payload.len()) as u16).to_be_bytes()[..]].concat();
+        let pseudo = [
+            &ip[12..20],
+            &[0, PROTO_TCP],
+            &((thl + payload.len()) as u16).to_be_bytes()[..],
+        ]
+        .concat();
         let c = reference_checksum(&[&pseudo, &tcp, payload]);
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         [f, ip, tcp, payload.to_vec()].concat()
@@ -605,7 +737,12 @@ pub(crate) mod tests {
         tcp[4..8].copy_from_slice(&seq.to_be_bytes());
         tcp[12] = 5 << 4;
         tcp[13] = flags;
-        let pseudo = [&ip[8..40], &[0, 0, 0, PROTO_TCP][..], &((20 + payload.len()) as u32).to_be_bytes()[..]].concat();
+        let pseudo = [
+            &ip[8..40],
+            &[0, 0, 0, PROTO_TCP][..],
+            &((20 + payload.len()) as u32).to_be_bytes()[..],
+        ]
+        .concat();
         let c = reference_checksum(&[&pseudo, &tcp, payload]);
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         [f, ip, tcp, payload.to_vec()].concat()
@@ -616,8 +753,17 @@ pub(crate) mod tests {
         assert_eq!(reference_sum(ip), 0xffff, "IPv4 header checksum");
         assert_eq!(usize::from(get_u16(ip, 2)), seg.len() - ETH_LEN);
         let tcp = &seg[ETH_LEN + 20..];
-        let pseudo = [&ip[12..20], &[0, PROTO_TCP], &(tcp.len() as u16).to_be_bytes()[..]].concat();
-        assert_eq!(reference_sum(&[&pseudo[..], tcp].concat()), 0xffff, "TCP checksum");
+        let pseudo = [
+            &ip[12..20],
+            &[0, PROTO_TCP],
+            &(tcp.len() as u16).to_be_bytes()[..],
+        ]
+        .concat();
+        assert_eq!(
+            reference_sum(&[&pseudo[..], tcp].concat()),
+            0xffff,
+            "TCP checksum"
+        );
     }
 
     #[test]
@@ -627,7 +773,10 @@ pub(crate) mod tests {
             let want = reference_sum(&data[..n]) as u16;
             let got = ones_sum(&data[..n]);
             // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(got == want || (got == 0 && want == 0xffff) || (got == 0xffff && want == 0), "n={n}");
+            assert!(
+                got == want || (got == 0 && want == 0xffff) || (got == 0xffff && want == 0),
+                "n={n}"
+            );
         }
     }
 
@@ -636,7 +785,12 @@ pub(crate) mod tests {
         let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         for with_options in [false, true] {
             let mss = if with_options { 1436 } else { 1448 };
-            let frame = tcp4_frame(1_000_000, TCP_ACK | TCP_PSH | TCP_CWR, &payload, with_options);
+            let frame = tcp4_frame(
+                1_000_000,
+                TCP_ACK | TCP_PSH | TCP_CWR,
+                &payload,
+                with_options,
+            );
             let (mut out, mut segs) = (Vec::new(), Vec::new());
             segment_tcp(&frame, mss, Some(ETH_LEN + 20), &mut out, &mut segs).unwrap();
             assert_eq!(segs.len(), payload.len().div_ceil(mss));
@@ -647,11 +801,19 @@ pub(crate) mod tests {
                 let thl = usize::from(seg[ETH_LEN + 20 + 12] >> 4) * 4;
                 let data = &seg[ETH_LEN + 20 + thl..];
                 assert!(data.len() <= mss);
-                assert_eq!(get_u16(seg, ETH_LEN + 4), 0x1234u16.wrapping_add(i as u16), "IP id increments");
+                assert_eq!(
+                    get_u16(seg, ETH_LEN + 4),
+                    0x1234u16.wrapping_add(i as u16),
+                    "IP id increments"
+                );
                 let seq = u32::from_be_bytes(seg[ETH_LEN + 24..ETH_LEN + 28].try_into().unwrap());
                 assert_eq!(seq, 1_000_000 + (i * mss) as u32);
                 let flags = seg[ETH_LEN + 33];
-                assert_eq!(flags & TCP_PSH != 0, i + 1 == segs.len(), "PSH only on the last");
+                assert_eq!(
+                    flags & TCP_PSH != 0,
+                    i + 1 == segs.len(),
+                    "PSH only on the last"
+                );
                 assert_eq!(flags & TCP_CWR != 0, i == 0, "CWR only on the first");
                 assert_eq!(seg[..ETH_LEN], frame[..ETH_LEN]);
                 reassembled.extend_from_slice(data);
@@ -672,7 +834,12 @@ pub(crate) mod tests {
             let ip = &seg[ETH_LEN..ETH_LEN + 40];
             let tcp = &seg[ETH_LEN + 40..];
             assert_eq!(usize::from(get_u16(ip, 4)), tcp.len());
-            let pseudo = [&ip[8..40], &[0, 0, 0, PROTO_TCP][..], &(tcp.len() as u32).to_be_bytes()[..]].concat();
+            let pseudo = [
+                &ip[8..40],
+                &[0, 0, 0, PROTO_TCP][..],
+                &(tcp.len() as u32).to_be_bytes()[..],
+            ]
+            .concat();
             assert_eq!(reference_sum(&[&pseudo[..], tcp].concat()), 0xffff);
         }
     }
@@ -686,9 +853,13 @@ pub(crate) mod tests {
         let l4_len = frame.len() - t;
         let partial = pseudo_sum(&frame[ETH_LEN + 12..ETH_LEN + 20], PROTO_TCP, l4_len);
         put_u16(&mut frame, t + 16, partial);
-        let h = VnetHdr { flags: F_NEEDS_CSUM, csum_start: t as u16, csum_offset: 16, ..Default::default() };
-        let (mut out, mut segs) = (Vec::new(), Vec::new());
-        assert_eq!(prepare(&mut frame, &h, &mut out, &mut segs), Ok(Prepared::Single));
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: t as u16,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        assert!(matches!(prepare(&mut frame, &h), Ok(Prepared::Single(_))));
         assert_eq!(frame, good);
     }
 
@@ -700,8 +871,13 @@ pub(crate) mod tests {
             let _ = segment_tcp(&frame[..cut], 1000, Some(34), &mut out, &mut segs);
             let _ = segment_udp(&frame[..cut], 1000, Some(34), &mut out, &mut segs);
             let mut f = frame[..cut].to_vec();
-            let h = VnetHdr { flags: F_NEEDS_CSUM, csum_start: 60000, csum_offset: 16, ..Default::default() };
-            assert!(prepare(&mut f, &h, &mut out, &mut segs).is_err());
+            let h = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                csum_start: 60000,
+                csum_offset: 16,
+                ..Default::default()
+            };
+            assert!(prepare(&mut f, &h).is_err());
         }
         let (mut out, mut segs) = (Vec::new(), Vec::new());
         assert!(segment_tcp(&frame, 0, None, &mut out, &mut segs).is_err());
@@ -751,11 +927,21 @@ pub(crate) mod tests {
         let fin = tcp4_frame(250, TCP_ACK | TCP_FIN, &[3; 100], false);
         let udp_like = vec![0u8; 60];
         let mut c = Coalescer::default();
-        let got = collect(&mut c, &[a.clone(), gap.clone(), fin.clone(), udp_like.clone()]);
+        let got = collect(
+            &mut c,
+            &[a.clone(), gap.clone(), fin.clone(), udp_like.clone()],
+        );
         let frames: Vec<Vec<u8>> = got.iter().map(|(_, f)| f.clone()).collect();
         assert_eq!(frames.len(), 4);
-        assert!(frames.contains(&a) && frames.contains(&gap) && frames.contains(&fin) && frames.contains(&udp_like));
-        assert!(got.iter().all(|(h, _)| h.gso_type == GSO_NONE && h.flags == F_DATA_VALID));
+        assert!(
+            frames.contains(&a)
+                && frames.contains(&gap)
+                && frames.contains(&fin)
+                && frames.contains(&udp_like)
+        );
+        assert!(got
+            .iter()
+            .all(|(h, _)| h.gso_type == GSO_NONE && h.flags == F_DATA_VALID));
         // Per flow, order is kept: a before gap before fin.
         let pos = |x: &Vec<u8>| frames.iter().position(|f| f == x).unwrap();
         assert!(pos(&a) < pos(&gap) && pos(&gap) < pos(&fin));

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use super::crypto::{Suite, TxCipher};
 use super::stats::PeerStats;
 use super::udp::SockAddr;
-use crate::frame::{self, Header, Kind, Route, FLAG_ENCRYPTED, FLAG_ROUTED, HEADER_LEN, ROUTE_LEN, TAG_LEN};
+use crate::frame::{
+    self, Header, Kind, Route, FLAG_ENCRYPTED, FLAG_ROUTED, HEADER_LEN, ROUTE_LEN, TAG_LEN,
+};
 
 /// Heartbeat interval while the peer is not (yet) up, and once it is.
 pub const HEARTBEAT_DOWN: Duration = Duration::from_millis(500);
@@ -37,7 +39,14 @@ pub struct PmtuSearch {
 
 impl PmtuSearch {
     pub fn new(max: usize, now: Instant) -> PmtuSearch {
-        PmtuSearch { good: PMTU_FLOOR.min(max), bad: max + 1, probe: None, done: false, next_id: 1, started: now }
+        PmtuSearch {
+            good: PMTU_FLOOR.min(max),
+            bad: max + 1,
+            probe: None,
+            done: false,
+            next_id: 1,
+            started: now,
+        }
     }
 
     /// The next size to probe, or None when the search has converged.
@@ -89,6 +98,8 @@ pub struct TxPeer {
     pub local: u64,
     pub addr: SockAddr,
     pub cipher: Option<TxCipher>,
+    /// The key the cipher started from (to recognise a repeated `set_peer`).
+    key: Option<zeroize::Zeroizing<[u8; 32]>>,
     pub plain_counter: u64,
     pub stats: Arc<PeerStats>,
     pub out: OutQueue,
@@ -100,7 +111,16 @@ pub struct TxPeer {
 
 impl TxPeer {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(local: u64, id: u64, addr: SockAddr, key: Option<[u8; 32]>, suite: Suite, stats: Arc<PeerStats>, mtu: usize, now: Instant) -> TxPeer {
+    pub fn new(
+        local: u64,
+        id: u64,
+        addr: SockAddr,
+        key: Option<[u8; 32]>,
+        suite: Suite,
+        stats: Arc<PeerStats>,
+        mtu: usize,
+        now: Instant,
+    ) -> TxPeer {
         let encrypted = key.is_some();
         let max_dgram = mtu + super::overhead(encrypted);
         TxPeer {
@@ -108,6 +128,7 @@ impl TxPeer {
             local,
             addr,
             cipher: key.map(|k| TxCipher::new(&k, suite)),
+            key: key.map(zeroize::Zeroizing::new),
             plain_counter: 0,
             stats,
             out: OutQueue::default(),
@@ -117,9 +138,22 @@ impl TxPeer {
         }
     }
 
+    /// Whether this peer was set up with exactly `key` (None: plain).
+    pub fn same_key(&self, key: Option<&[u8; 32]>) -> bool {
+        match (&self.key, key) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.as_slice() == b.as_slice(),
+            _ => false,
+        }
+    }
+
     /// The largest L3 packet this peer's path carries now.
     pub fn overlay_mtu(&self, configured: usize) -> usize {
-        match self.stats.overlay_mtu.load(std::sync::atomic::Ordering::Relaxed) {
+        match self
+            .stats
+            .overlay_mtu
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             0 => configured,
             m => configured.min(m as usize),
         }
@@ -133,15 +167,42 @@ impl TxPeer {
         }
     }
 
+    /// The largest datagram to build now: the configured maximum until the path MTU is known.
+    pub fn dgram_limit(&self) -> usize {
+        match self
+            .stats
+            .overlay_mtu
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => self.max_dgram,
+            m => self
+                .max_dgram
+                .min(m as usize + super::overhead(self.cipher.is_some())),
+        }
+    }
+
     /// Append an Ethernet frame to the open datagram if it fits there, else to a new one.
-    pub fn push_frame(&mut self, route: Option<Route>, frame: &[u8]) {
-        let need = frame::FRAME_PREFIX_LEN + frame.len() + self.tag_len();
+    pub fn push_frame(&mut self, route: Option<Route>, frame: &[u8], now: Instant) {
+        self.push_frame_with(route, frame.len(), now, |dst| dst.copy_from_slice(frame));
+    }
+
+    /// Like `push_frame` for a frame of `len` bytes that `fill` writes in place (segments are
+    /// built straight into the datagram, without an intermediate copy).
+    pub fn push_frame_with(
+        &mut self,
+        route: Option<Route>,
+        len: usize,
+        now: Instant,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
+        let need = frame::FRAME_PREFIX_LEN + len + self.tag_len();
+        let limit = self.dgram_limit();
         let fits = match self.out.open {
-            Some((start, r)) => r == route && self.out.buf.len() - start + need <= self.max_dgram,
+            Some((start, r)) => r == route && self.out.buf.len() - start + need <= limit,
             None => false,
         };
         if !fits {
-            self.close_open(Instant::now(), Kind::Data);
+            self.close_open(now, Kind::Data);
             let start = self.out.buf.len();
             self.out.buf.resize(start + HEADER_LEN, 0);
             if let Some(r) = route {
@@ -151,8 +212,10 @@ impl TxPeer {
             }
             self.out.open = Some((start, route));
         }
-        self.out.buf.extend_from_slice(&(frame.len() as u16).to_be_bytes());
-        self.out.buf.extend_from_slice(frame);
+        self.out.buf.extend_from_slice(&(len as u16).to_be_bytes());
+        let at = self.out.buf.len();
+        self.out.buf.resize(at + len, 0);
+        fill(&mut self.out.buf[at..]);
         crate::datapath::stats::add(&self.stats.tx_frames, 1);
     }
 
@@ -182,7 +245,14 @@ impl TxPeer {
                 (0, self.plain_counter)
             }
         };
-        let header = Header { kind, flags, epoch, sender: self.local, receiver: self.id, counter };
+        let header = Header {
+            kind,
+            flags,
+            epoch,
+            sender: self.local,
+            receiver: self.id,
+            counter,
+        };
         let end = self.out.buf.len();
         let tag = self.tag_len();
         self.out.buf.resize(end + tag, 0);
@@ -206,16 +276,32 @@ mod tests {
 
     fn peer(key: Option<[u8; 32]>) -> TxPeer {
         let addr = SockAddr::new("127.0.0.1:6783".parse().unwrap(), false);
-        TxPeer::new(1, 2, addr, key, Suite::Aes256Gcm, Arc::default(), 1400, Instant::now())
+        TxPeer::new(
+            1,
+            2,
+            addr,
+            key,
+            Suite::Aes256Gcm,
+            Arc::default(),
+            1400,
+            Instant::now(),
+        )
     }
 
     #[test]
     fn small_frames_share_a_datagram_big_ones_do_not() {
         let mut p = peer(None);
-        p.push_frame(None, &[1u8; 60]);
-        p.push_frame(None, &[2u8; 60]);
-        p.push_frame(None, &[3u8; 1400]);
-        p.push_frame(Some(Route { origin: 1, destination: 0 }), &[4u8; 60]);
+        p.push_frame(None, &[1u8; 60], Instant::now());
+        p.push_frame(None, &[2u8; 60], Instant::now());
+        p.push_frame(None, &[3u8; 1400], Instant::now());
+        p.push_frame(
+            Some(Route {
+                origin: 1,
+                destination: 0,
+            }),
+            &[4u8; 60],
+            Instant::now(),
+        );
         p.close_open(Instant::now(), Kind::Data);
         assert_eq!(p.out.dgrams.len(), 3);
         let frames: Vec<usize> = p
@@ -226,7 +312,10 @@ mod tests {
                 let d = &p.out.buf[s..s + l];
                 let h = Header::parse(d).unwrap();
                 assert_eq!((h.sender, h.receiver), (1, 2));
-                DataBody::parse(&d[HEADER_LEN..], h.routed()).unwrap().frames().count()
+                DataBody::parse(&d[HEADER_LEN..], h.routed())
+                    .unwrap()
+                    .frames()
+                    .count()
             })
             .collect();
         assert_eq!(frames, vec![2, 1, 1]);
@@ -236,7 +325,7 @@ mod tests {
     #[test]
     fn sealed_datagrams_open_with_the_peer_key() {
         let mut p = peer(Some([9; 32]));
-        p.push_frame(None, &[5u8; 100]);
+        p.push_frame(None, &[5u8; 100], Instant::now());
         p.push_control(Kind::Heartbeat, &7u64.to_be_bytes(), Instant::now());
         let mut rx = RxCipher::new(&[9; 32]);
         for &(s, l) in &p.out.dgrams.clone() {

@@ -11,12 +11,21 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(keep: usize) -> Pool {
-        Pool { free: Mutex::new(Vec::new()), keep }
+        Pool {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
     }
 
     /// An empty buffer, reused when one is free.
     pub fn get(&self) -> Vec<u8> {
-        let mut b = self.free.lock().map(|mut f| f.pop()).ok().flatten().unwrap_or_default();
+        let mut b = self
+            .free
+            .lock()
+            .map(|mut f| f.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         b.clear();
         b
     }

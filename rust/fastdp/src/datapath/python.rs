@@ -29,12 +29,16 @@ pub struct PyDatapath {
 }
 
 fn parse_ip(addr: &str) -> PyResult<IpAddr> {
-    addr.parse().map_err(|_| PyValueError::new_err(format!("invalid IP address {addr:?}")))
+    addr.parse()
+        .map_err(|_| PyValueError::new_err(format!("invalid IP address {addr:?}")))
 }
 
 impl PyDatapath {
     fn with<T>(&self, f: impl FnOnce(&Datapath) -> PyResult<T>) -> PyResult<T> {
-        let guard = self.inner.lock().map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?;
+        let guard = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?;
         match guard.as_ref() {
             Some(dp) => f(dp),
             None => Err(PyRuntimeError::new_err("datapath is closed")),
@@ -48,12 +52,29 @@ impl PyDatapath {
     /// threads, all in the calling thread's network namespace.
     #[staticmethod]
     #[pyo3(signature = (tap_name, udp_port, mtu, local_peer_id, bind_addr = "0.0.0.0"))]
-    fn open(py: Python<'_>, tap_name: &str, udp_port: u16, mtu: usize, local_peer_id: u64, bind_addr: &str) -> PyResult<Self> {
-        let cfg = Config { tap_name: tap_name.to_string(), udp_port, bind: parse_ip(bind_addr)?, mtu, local: local_peer_id };
-        let dp = py.detach(|| Datapath::open(cfg)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
-            _ => PyOSError::new_err(format!("cannot open datapath (TAP {tap_name:?}, UDP port {udp_port}): {e}")),
-        })?;
+    fn open(
+        py: Python<'_>,
+        tap_name: &str,
+        udp_port: u16,
+        mtu: usize,
+        local_peer_id: u64,
+        bind_addr: &str,
+    ) -> PyResult<Self> {
+        let cfg = Config {
+            tap_name: tap_name.to_string(),
+            udp_port,
+            bind: parse_ip(bind_addr)?,
+            mtu,
+            local: local_peer_id,
+        };
+        let dp = py
+            .detach(|| Datapath::open(cfg))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+                _ => PyOSError::new_err(format!(
+                    "cannot open datapath (TAP {tap_name:?}, UDP port {udp_port}): {e}"
+                )),
+            })?;
         Ok(PyDatapath {
             tap_name: dp.tap_name.clone(),
             udp_port: dp.udp_port,
@@ -68,10 +89,19 @@ impl PyDatapath {
     /// Add or replace a peer: its underlay address and, for an encrypted link, the `DataKeys` from
     /// the connection's handshake (None: plain, for trusted peers or no password).
     #[pyo3(signature = (peer_id, addr, port, keys))]
-    fn set_peer(&self, peer_id: u64, addr: &str, port: u16, keys: Option<PyRef<'_, PyDataKeys>>) -> PyResult<()> {
+    fn set_peer(
+        &self,
+        peer_id: u64,
+        addr: &str,
+        port: u16,
+        keys: Option<PyRef<'_, PyDataKeys>>,
+    ) -> PyResult<()> {
         let sa = SocketAddr::new(parse_ip(addr)?, port);
         let keys = keys.map(|k| (*k.keys().tx_key(), *k.keys().rx_key()));
-        self.with(|dp| dp.set_peer(peer_id, sa, keys).map_err(|e| PyValueError::new_err(e.to_string())))
+        self.with(|dp| {
+            dp.set_peer(peer_id, sa, keys)
+                .map_err(|e| PyValueError::new_err(e.to_string()))
+        })
     }
 
     fn remove_peer(&self, peer_id: u64) -> PyResult<()> {
@@ -90,7 +120,11 @@ impl PyDatapath {
         broadcast: Vec<u64>,
         broadcast_via: Option<HashMap<u64, Vec<u64>>>,
     ) -> PyResult<()> {
-        let routes = Routes { unicast, broadcast, broadcast_via: broadcast_via.unwrap_or_default() };
+        let routes = Routes {
+            unicast,
+            broadcast,
+            broadcast_via: broadcast_via.unwrap_or_default(),
+        };
         self.with(|dp| {
             dp.set_routes(routes);
             Ok(())
@@ -103,7 +137,8 @@ impl PyDatapath {
     }
 
     /// Take the waiting events: ("peer_up", peer) | ("peer_down", peer) | ("pmtu", peer, mtu) |
-    /// ("mac_learned", mac, peer) | ("mac_moved", mac, old_peer, new_peer).
+    /// ("mac_learned", mac, peer) | ("mac_moved", mac, old_peer, new_peer) |
+    /// ("datapath_failed", message).
     fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let events = self.with(|dp| Ok(dp.drain_events()))?;
         events
@@ -113,7 +148,10 @@ impl PyDatapath {
                 Event::PeerDown(p) => ("peer_down", p).into_pyobject(py),
                 Event::Pmtu(p, m) => ("pmtu", p, m).into_pyobject(py),
                 Event::MacLearned(mac, p) => ("mac_learned", format_mac(&mac), p).into_pyobject(py),
-                Event::MacMoved(mac, a, b) => ("mac_moved", format_mac(&mac), a, b).into_pyobject(py),
+                Event::Failed(why) => ("datapath_failed", why).into_pyobject(py),
+                Event::MacMoved(mac, a, b) => {
+                    ("mac_moved", format_mac(&mac), a, b).into_pyobject(py)
+                }
             })
             .collect()
     }
@@ -138,6 +176,7 @@ impl PyDatapath {
                 ("relayed", &s.relayed),
                 ("flooded", &s.flooded),
                 ("icmp_sent", &s.icmp_sent),
+                ("sent_inline", &s.sent_inline),
             ] {
                 d.set_item(name, get(c))?;
             }
@@ -149,7 +188,10 @@ impl PyDatapath {
             }
             d.set_item("drops", drops)?;
             let peers = PyDict::new(py);
-            let table = sh.peers.lock().map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?;
+            let table = sh
+                .peers
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?;
             for (id, info) in table.iter() {
                 let p = PyDict::new(py);
                 let ps = &info.stats;
@@ -177,7 +219,11 @@ impl PyDatapath {
 
     /// Stop the threads and close the TAP (it disappears) and the socket. Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let dp = self.inner.lock().map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?.take();
+        let dp = self
+            .inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("datapath lock poisoned"))?
+            .take();
         if let Some(mut dp) = dp {
             py.detach(move || dp.close());
         }
@@ -223,7 +269,10 @@ impl PyDatapath {
     }
 
     fn __repr__(&self) -> String {
-        format!("Datapath(tap={:?}, udp_port={}, cipher={})", self.tap_name, self.udp_port, self.cipher)
+        format!(
+            "Datapath(tap={:?}, udp_port={}, cipher={})",
+            self.tap_name, self.udp_port, self.cipher
+        )
     }
 }
 

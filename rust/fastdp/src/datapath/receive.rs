@@ -10,12 +10,15 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
 
 use super::crypto::{OpenError, RxCipher};
 use super::fdb::Mac;
 use super::offload::Coalescer;
+use super::send::SendThread;
 use super::stats::{add, Drop, PeerStats};
 use super::sys::{poll_readable, EventFd};
 use super::tap::Tap;
@@ -27,14 +30,21 @@ use crate::frame::{self, DataBody, Header, Kind, BROADCAST, HEADER_LEN, PMTU_BOD
 const RECV_BATCH: usize = 32;
 /// recvmmsg calls per wake-up before writing out and checking commands.
 const RECV_ROUNDS: usize = 8;
+/// Receives of at most this many datagrams and bytes count as request-like (see `run`).
+const POKE_MAX_DATAGRAMS: usize = 4;
+const POKE_MAX_BYTES: usize = 2048;
 
 struct RxPeer {
     addr: SocketAddr,
     cipher: Option<RxCipher>,
+    /// The key the cipher started from (to recognise a repeated `set_peer`).
+    key: Option<Zeroizing<[u8; 32]>>,
     stats: Arc<PeerStats>,
 }
 
 pub struct ReceiveThread {
+    /// The send thread's state, to `poke` after delivering request-like traffic.
+    send: Arc<Mutex<SendThread>>,
     shared: Arc<Shared>,
     tap: Arc<Tap>,
     udp: Arc<Udp>,
@@ -45,10 +55,15 @@ pub struct ReceiveThread {
     peers: HashMap<u64, RxPeer>,
     coalescer: Coalescer,
     queued_work: bool,
+    /// Monotonic time of the current receive batch (one clock read per batch).
+    now_ns: u64,
+    learned: Option<(Mac, u64, u64)>,
 }
 
 impl ReceiveThread {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        send: Arc<Mutex<SendThread>>,
         shared: Arc<Shared>,
         tap: Arc<Tap>,
         udp: Arc<Udp>,
@@ -58,6 +73,7 @@ impl ReceiveThread {
         send_wake: Arc<EventFd>,
     ) -> ReceiveThread {
         ReceiveThread {
+            send,
             shared,
             tap,
             udp,
@@ -68,14 +84,27 @@ impl ReceiveThread {
             peers: HashMap::new(),
             coalescer: Coalescer::default(),
             queued_work: false,
+            now_ns: 1,
+            learned: None,
         }
     }
 
     pub fn run(mut self) {
         let fds = [self.udp.as_raw_fd(), self.wake.as_raw_fd()];
         let mut batch = RecvBatch::new(RECV_BATCH);
+        let mut spin_until = Instant::now();
         while !self.shared.shutdown.load(Relaxed) {
-            let ready = poll_readable(fds, Duration::from_millis(500)).unwrap_or([false, false]);
+            let spinning = Instant::now() < spin_until;
+            let timeout = if spinning {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(500)
+            };
+            let ready = poll_readable(fds, timeout).unwrap_or([false, false]);
+            if spinning && ready == [false, false] {
+                std::thread::yield_now();
+                continue;
+            }
             if ready[1] {
                 self.wake.clear();
             }
@@ -83,31 +112,65 @@ impl ReceiveThread {
             if !ready[0] {
                 continue;
             }
-            for _ in 0..RECV_ROUNDS {
-                let n = match self.udp.recv_batch(&mut batch) {
-                    Ok(n) => n,
-                    Err(_) => 0,
-                };
+            spin_until = Instant::now() + self.shared.spin;
+            let mut request_like = false;
+            for round in 0..RECV_ROUNDS {
+                let n = self.udp.recv_batch(&mut batch).unwrap_or_default();
+                self.now_ns = self.shared.now_ns().max(1);
+                if round == 0 {
+                    let bytes: usize = batch.lens[..n].iter().sum();
+                    request_like = (1..=POKE_MAX_DATAGRAMS).contains(&n) && bytes <= POKE_MAX_BYTES;
+                }
                 for i in 0..n {
                     self.handle_message(&mut batch, i);
                 }
                 if n < RECV_BATCH {
                     break;
                 }
+                request_like = false;
             }
             self.flush_tap();
-            if self.queued_work {
-                self.queued_work = false;
+            // A few small datagrams after a quiet spell (a ping, an RPC): the answer is probably in
+            // the TAP already. Send it from here if the send thread is idle (asleep in poll).
+            let mut poked = false;
+            if request_like {
+                if let Ok(mut send) = self.send.try_lock() {
+                    send.poke();
+                    poked = true;
+                }
+            }
+            if self.queued_work && !poked {
                 self.send_wake.notify();
             }
+            self.queued_work = false;
         }
     }
 
     fn apply_commands(&mut self) {
         loop {
             match self.cmds.try_recv() {
-                Ok(Cmd::SetPeer { id, addr, key, stats }) => {
-                    self.peers.insert(id, RxPeer { addr, cipher: key.map(|k| RxCipher::new(&k)), stats });
+                Ok(Cmd::SetPeer {
+                    id,
+                    addr,
+                    key,
+                    stats,
+                }) => {
+                    let key = key.map(Zeroizing::new);
+                    if let Some(p) = self.peers.get_mut(&id).filter(|p| p.key == key) {
+                        // Same connection: keep the replay windows and epochs.
+                        p.addr = addr;
+                        continue;
+                    }
+                    let cipher = key.as_ref().map(|k| RxCipher::new(k));
+                    self.peers.insert(
+                        id,
+                        RxPeer {
+                            addr,
+                            cipher,
+                            key,
+                            stats,
+                        },
+                    );
                 }
                 Ok(Cmd::RemovePeer(id)) => {
                     self.peers.remove(&id);
@@ -177,7 +240,7 @@ impl ReceiveThread {
         };
         add(&peer.stats.rx_datagrams, 1);
         add(&peer.stats.rx_bytes, len as u64);
-        let now_ns = self.shared.now_ns().max(1);
+        let now_ns = self.now_ns;
         peer.stats.last_rx_ns.store(now_ns, Relaxed);
         match h.kind {
             Kind::Data => self.handle_data(&h, body),
@@ -185,7 +248,11 @@ impl ReceiveThread {
                 if frame::parse_heartbeat(body).is_ok() {
                     let mut reply = self.shared.pool.get();
                     reply.extend_from_slice(body);
-                    self.queue(TxWork::Control { peer: h.sender, kind: Kind::HeartbeatAck, body: reply });
+                    self.queue(TxWork::Control {
+                        peer: h.sender,
+                        kind: Kind::HeartbeatAck,
+                        body: reply,
+                    });
                 } else {
                     self.shared.stats.drop(Drop::Malformed, 1);
                 }
@@ -200,12 +267,19 @@ impl ReceiveThread {
                 Ok((size, _)) if usize::from(size) == len => {
                     let mut reply = self.shared.pool.get();
                     reply.extend_from_slice(&body[..PMTU_BODY_LEN]);
-                    self.queue(TxWork::Control { peer: h.sender, kind: Kind::PmtuAck, body: reply });
+                    self.queue(TxWork::Control {
+                        peer: h.sender,
+                        kind: Kind::PmtuAck,
+                        body: reply,
+                    });
                 }
                 _ => self.shared.stats.drop(Drop::Malformed, 1),
             },
             Kind::PmtuAck => match frame::parse_pmtu(body, false) {
-                Ok((size, id)) => peer.stats.pmtu_ack.store((u64::from(id) << 16) | u64::from(size), Relaxed),
+                Ok((size, id)) => peer
+                    .stats
+                    .pmtu_ack
+                    .store((u64::from(id) << 16) | u64::from(size), Relaxed),
                 Err(_) => self.shared.stats.drop(Drop::Malformed, 1),
             },
         }
@@ -248,7 +322,8 @@ impl ReceiveThread {
             add(&peer_stats.rx_frames, 1);
             let mut src: Mac = [0; 6];
             src.copy_from_slice(&f[6..12]);
-            self.shared.learn(src, origin);
+            self.shared
+                .learn(&mut self.learned, src, origin, self.now_ns / 1_000_000_000);
             self.coalescer.push(f, &mut write);
         }
         if destination == BROADCAST {
@@ -261,13 +336,20 @@ impl ReceiveThread {
     fn relay(&mut self, from_hop: u64, origin: u64, destination: u64, f: &[u8]) {
         let mut frame = self.shared.pool.get();
         frame.extend_from_slice(f);
-        self.queue(TxWork::Relay { from_hop, origin, destination, frame });
+        self.queue(TxWork::Relay {
+            from_hop,
+            origin,
+            destination,
+            frame,
+        });
     }
 
     fn queue(&mut self, w: TxWork) {
         match self.work.try_send(w) {
             Ok(()) => self.queued_work = true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.shared.stats.drop(Drop::QueueFull, 1),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.stats.drop(Drop::QueueFull, 1)
+            }
         }
     }
 

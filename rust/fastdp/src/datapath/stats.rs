@@ -59,6 +59,8 @@ pub struct Stats {
     pub relayed: AtomicU64,
     pub flooded: AtomicU64,
     pub icmp_sent: AtomicU64,
+    /// Frames the receive thread read from the TAP and sent itself (`SendThread::poke`).
+    pub sent_inline: AtomicU64,
 }
 
 impl Stats {
@@ -67,7 +69,9 @@ impl Stats {
     }
 
     pub fn drops(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        DROP_REASONS.iter().map(|(d, name)| (*name, self.drops[*d as usize].load(Relaxed)))
+        DROP_REASONS
+            .iter()
+            .map(|(d, name)| (*name, self.drops[*d as usize].load(Relaxed)))
     }
 }
 

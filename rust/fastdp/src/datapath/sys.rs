@@ -35,7 +35,9 @@ impl EventFd {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
         let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     pub fn notify(&self) {
@@ -60,7 +62,11 @@ impl AsRawFd for EventFd {
 
 /// Wait until one of `fds` is readable or `timeout` passes; returns which were readable.
 pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::Result<[bool; N]> {
-    let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: `pfds` is a live array of N pollfd structs for the duration of the call.
     let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
@@ -76,13 +82,22 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::
 
 /// Wait until `fd` is writable, at most `timeout`.
 pub fn poll_writable(fd: RawFd, timeout: Duration) {
-    let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
     // SAFETY: one live pollfd for the duration of the call.
     unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(1000) as libc::c_int) };
 }
 
 /// Set an integer socket option.
-pub fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its exact size.
     cvt(unsafe {
         libc::setsockopt(
@@ -101,6 +116,14 @@ pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::R
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: passes a live c_int and its size; the kernel writes at most `len` bytes.
-    cvt(unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut libc::c_int).cast(), &mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
     Ok(value)
 }

@@ -41,26 +41,54 @@ struct IfReq {
 impl Tap {
     /// Create (or attach to) the TAP device `name` in the calling thread's network namespace.
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') || name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {name:?}")));
+        if name.is_empty()
+            || name.len() >= libc::IFNAMSIZ
+            || name.contains('/')
+            || name.contains('\0')
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid interface name {name:?}"),
+            ));
         }
         let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
         // SAFETY: `path` is a valid NUL-terminated string; a non-negative result is a new fd.
-        let raw = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        let raw = cvt(unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        })?;
         // SAFETY: `raw` was just returned by open and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
         for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size (40).
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) })?;
-        let name = req.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+        let name = req
+            .name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8 as char)
+            .collect();
         let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
         let mut offloads = 0;
-        for candidate in [base | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6, base | TUN_F_TSO_ECN, base, TUN_F_CSUM] {
+        for candidate in [
+            base | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6,
+            base | TUN_F_TSO_ECN,
+            base,
+            TUN_F_CSUM,
+        ] {
             // SAFETY: TUNSETOFFLOAD takes an unsigned long by value.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, candidate as libc::c_ulong) } == 0 {
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, candidate as libc::c_ulong) }
+                == 0
+            {
                 offloads = candidate;
                 break;
             }
@@ -87,8 +115,14 @@ impl Tap {
     /// followed by `frame`.
     pub fn write(&self, hdr: &[u8], frame: &[u8]) -> io::Result<usize> {
         let iov = [
-            libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() },
-            libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() },
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
         ];
         // SAFETY: both iovecs point into live slices for the duration of the call; the kernel only
         // reads from them.

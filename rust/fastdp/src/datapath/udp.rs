@@ -43,7 +43,9 @@ impl SockAddr {
         // SAFETY: sockaddr_storage is plain data; all-zero is a valid (AF_UNSPEC) value.
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let addr = match (addr, v6_socket) {
-            (SocketAddr::V4(a), true) => SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)),
+            (SocketAddr::V4(a), true) => {
+                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+            }
             (a, _) => a,
         };
         let len = match addr {
@@ -51,11 +53,15 @@ impl SockAddr {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
                     sin_zero: [0; 8],
                 };
                 // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
+                };
                 std::mem::size_of::<libc::sockaddr_in>()
             }
             SocketAddr::V6(a) => {
@@ -63,23 +69,32 @@ impl SockAddr {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: a.scope_id(),
                 };
                 // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
+                };
                 std::mem::size_of::<libc::sockaddr_in6>()
             }
         };
-        SockAddr { storage, len: len as libc::socklen_t }
+        SockAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
     }
 
     /// The address as std sees it (v4-mapped IPv6 shown as IPv4).
-    pub fn to_std(&self) -> Option<SocketAddr> {
+    pub fn to_std(self) -> Option<SocketAddr> {
         match i32::from(self.storage.ss_family) {
             libc::AF_INET => {
                 // SAFETY: the family says the storage holds a sockaddr_in.
-                let sin: libc::sockaddr_in = unsafe { std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast()) };
+                let sin: libc::sockaddr_in = unsafe {
+                    std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast())
+                };
                 Some(SocketAddr::V4(SocketAddrV4::new(
                     Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
                     u16::from_be(sin.sin_port),
@@ -87,8 +102,9 @@ impl SockAddr {
             }
             libc::AF_INET6 => {
                 // SAFETY: the family says the storage holds a sockaddr_in6.
-                let sin6: libc::sockaddr_in6 =
-                    unsafe { std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast()) };
+                let sin6: libc::sockaddr_in6 = unsafe {
+                    std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast())
+                };
                 let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
                 let port = u16::from_be(sin6.sin6_port);
                 Some(match ip.to_ipv4_mapped() {
@@ -116,33 +132,69 @@ impl Udp {
         let v6 = bind.is_ipv6();
         let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: socket takes no pointers; a non-negative result is a new fd we own.
-        let raw = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
+        let raw = cvt(unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        })?;
         // SAFETY: `raw` was just returned by socket and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let s = fd.as_raw_fd();
         if v6 {
             setsockopt_int(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
         }
-        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
             if setsockopt_int(s, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
                 setsockopt_int(s, libc::SOL_SOCKET, plain, SOCKET_BUFFER)?;
             }
         }
         // DF on every datagram, without the kernel's PMTU cache refusing our probes.
-        setsockopt_int(s, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE)?;
+        setsockopt_int(
+            s,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        )?;
         if v6 {
-            setsockopt_int(s, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE)?;
+            setsockopt_int(
+                s,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IP_PMTUDISC_PROBE,
+            )?;
         }
         let gro = setsockopt_int(s, SOL_UDP, UDP_GRO, 1).is_ok();
         let addr = SockAddr::new(SocketAddr::new(bind, port), v6);
         // SAFETY: `addr.storage` holds a sockaddr of `addr.len` bytes.
-        cvt(unsafe { libc::bind(s, (&addr.storage as *const libc::sockaddr_storage).cast(), addr.len) })?;
+        cvt(unsafe {
+            libc::bind(
+                s,
+                (&addr.storage as *const libc::sockaddr_storage).cast(),
+                addr.len,
+            )
+        })?;
         // SAFETY: sockaddr_storage is plain data.
         let mut bound: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: the kernel writes at most `len` bytes into `bound`.
-        cvt(unsafe { libc::getsockname(s, (&mut bound as *mut libc::sockaddr_storage).cast(), &mut len) })?;
-        let port = SockAddr { storage: bound, len }.to_std().map_or(port, |a| a.port());
+        cvt(unsafe {
+            libc::getsockname(
+                s,
+                (&mut bound as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        })?;
+        let port = SockAddr {
+            storage: bound,
+            len,
+        }
+        .to_std()
+        .map_or(port, |a| a.port());
         Ok(Udp { fd, v6, gro, port })
     }
 
@@ -179,20 +231,32 @@ impl Udp {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
         }
         let n = n as usize;
         for i in 0..n {
             batch.lens[i] = batch.hdrs[i].msg_len as usize;
             batch.gro_size[i] = batch.parse_gro(i);
-            batch.from[i] = SockAddr { storage: batch.names[i], len: batch.hdrs[i].msg_hdr.msg_namelen };
+            batch.from[i] = SockAddr {
+                storage: batch.names[i],
+                len: batch.hdrs[i].msg_hdr.msg_namelen,
+            };
         }
         Ok(n)
     }
 
     /// Send every item (GSO items as one super-datagram each), waiting briefly when the socket
     /// buffer is full. `on_error(index, error)` is told about each item that could not be sent.
-    pub fn send_batch(&self, scratch: &mut SendScratch, items: &[Outgoing<'_>], on_error: &mut dyn FnMut(usize, &io::Error)) {
+    pub fn send_batch(
+        &self,
+        scratch: &mut SendScratch,
+        items: &[Outgoing<'_>],
+        on_error: &mut dyn FnMut(usize, &io::Error),
+    ) {
         let mut next = 0;
         let mut stalls = 0;
         while next < items.len() {
@@ -200,7 +264,14 @@ impl Udp {
             scratch.prepare(chunk);
             // SAFETY: `prepare` pointed each mmsghdr at the item's data, address and control
             // buffer, all alive (borrowed) for the call; the kernel only reads them.
-            let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), scratch.hdrs.as_mut_ptr(), chunk.len() as libc::c_uint, 0) };
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    scratch.hdrs.as_mut_ptr(),
+                    chunk.len() as libc::c_uint,
+                    0,
+                )
+            };
             if r > 0 {
                 next += r as usize;
                 stalls = 0;
@@ -240,6 +311,7 @@ pub struct Outgoing<'a> {
 type Cmsg = [u64; 4];
 
 /// Reusable arrays for sendmmsg.
+#[derive(Default)]
 pub struct SendScratch {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
@@ -250,18 +322,15 @@ pub struct SendScratch {
 // `prepare` before every use, on whichever thread owns the value.
 unsafe impl Send for SendScratch {}
 
-impl Default for SendScratch {
-    fn default() -> SendScratch {
-        SendScratch { hdrs: Vec::new(), iovs: Vec::new(), ctrl: Vec::new() }
-    }
-}
-
 impl SendScratch {
     fn prepare(&mut self, items: &[Outgoing<'_>]) {
         self.hdrs.clear();
         self.iovs.clear();
         self.ctrl.clear();
-        self.iovs.extend(items.iter().map(|it| libc::iovec { iov_base: it.data.as_ptr() as *mut libc::c_void, iov_len: it.data.len() }));
+        self.iovs.extend(items.iter().map(|it| libc::iovec {
+            iov_base: it.data.as_ptr() as *mut libc::c_void,
+            iov_len: it.data.len(),
+        }));
         self.ctrl.resize(items.len(), [0; 4]);
         for (i, it) in items.iter().enumerate() {
             // SAFETY: msghdr is plain data; zero is a valid starting value.
@@ -285,7 +354,10 @@ impl SendScratch {
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), it.segment);
                 }
             }
-            self.hdrs.push(libc::mmsghdr { msg_hdr: m, msg_len: 0 });
+            self.hdrs.push(libc::mmsghdr {
+                msg_hdr: m,
+                msg_len: 0,
+            });
         }
     }
 }
@@ -320,7 +392,13 @@ impl RecvBatch {
             hdrs: Vec::with_capacity(capacity),
             lens: vec![0; capacity],
             gro_size: vec![0; capacity],
-            from: vec![SockAddr { storage: zero_name, len: 0 }; capacity],
+            from: vec![
+                SockAddr {
+                    storage: zero_name,
+                    len: 0
+                };
+                capacity
+            ],
         }
     }
 
@@ -334,7 +412,10 @@ impl RecvBatch {
         self.iovs.clear();
         self.hdrs.clear();
         for b in &mut self.bufs {
-            self.iovs.push(libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() });
+            self.iovs.push(libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            });
         }
         for i in 0..self.bufs.len() {
             // SAFETY: msghdr is plain data; zero is a valid starting value.
@@ -345,7 +426,10 @@ impl RecvBatch {
             m.msg_iovlen = 1;
             m.msg_control = self.ctrl[i].as_mut_ptr().cast();
             m.msg_controllen = std::mem::size_of::<Cmsg>();
-            self.hdrs.push(libc::mmsghdr { msg_hdr: m, msg_len: 0 });
+            self.hdrs.push(libc::mmsghdr {
+                msg_hdr: m,
+                msg_len: 0,
+            });
         }
     }
 
@@ -373,7 +457,11 @@ mod tests {
 
     #[test]
     fn sockaddr_round_trips() {
-        for (a, v6) in [("10.1.2.3:6783", false), ("10.1.2.3:6783", true), ("[fd00::1]:6783", true)] {
+        for (a, v6) in [
+            ("10.1.2.3:6783", false),
+            ("10.1.2.3:6783", true),
+            ("[fd00::1]:6783", true),
+        ] {
             let sa: SocketAddr = a.parse().unwrap();
             assert_eq!(SockAddr::new(sa, v6).to_std(), Some(sa));
         }
@@ -383,10 +471,24 @@ mod tests {
     fn loopback_gso_send_and_gro_receive() {
         let a = Udp::bind("127.0.0.1".parse().unwrap(), 0).unwrap();
         let b = Udp::bind("127.0.0.1".parse().unwrap(), 0).unwrap();
-        let to = SockAddr::new(SocketAddr::new("127.0.0.1".parse().unwrap(), b.port()), false);
+        let to = SockAddr::new(
+            SocketAddr::new("127.0.0.1".parse().unwrap(), b.port()),
+            false,
+        );
         let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let single = [7u8; 100];
-        let items = [Outgoing { addr: &to, data: &data, segment: 1200 }, Outgoing { addr: &to, data: &single, segment: 0 }];
+        let items = [
+            Outgoing {
+                addr: &to,
+                data: &data,
+                segment: 1200,
+            },
+            Outgoing {
+                addr: &to,
+                data: &single,
+                segment: 0,
+            },
+        ];
         let mut errors = 0;
         a.send_batch(&mut SendScratch::default(), &items, &mut |_, _| errors += 1);
         assert_eq!(errors, 0);
@@ -396,7 +498,11 @@ mod tests {
         for _ in 0..10 {
             let n = b.recv_batch(&mut batch).unwrap();
             for i in 0..n {
-                let seg = if batch.gro_size[i] > 0 { batch.gro_size[i] } else { batch.lens[i] };
+                let seg = if batch.gro_size[i] > 0 {
+                    batch.gro_size[i]
+                } else {
+                    batch.lens[i]
+                };
                 let m = batch.message(i).to_vec();
                 got.extend(m.chunks(seg).map(<[u8]>::to_vec));
             }

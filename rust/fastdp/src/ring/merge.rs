@@ -34,10 +34,7 @@ impl Ring {
             self.cluster_id = other.cluster_id;
             changed = true;
         }
-        if let Some(entries) = self.join(&other.entries) {
-            self.entries = entries;
-            changed = true;
-        }
+        changed |= self.join(&other.entries);
         if changed {
             self.reindex();
             self.hints_stale = true;
@@ -45,65 +42,69 @@ impl Ring {
         Ok(changed)
     }
 
-    /// Our entries joined with `theirs`, free hints capped at their ranges; None if that
-    /// equals our entries.
-    fn join(&self, theirs: &[Entry]) -> Option<Vec<Entry>> {
+    /// Join `theirs` into our entries, in place; true if that changed anything.
+    ///
+    /// Pass 1 reads both lists to see whether anything changes and how many tokens are new
+    /// (most gossip brings nothing new, and then nothing is written). Pass 2 grows our list and
+    /// merges from the back, so a merge allocates nothing once the list has room.
+    fn join(&mut self, theirs: &[Entry]) -> bool {
         let mine = &self.entries;
-        // Most gossip brings nothing new: scan first, and build a list only if something differs.
-        // Their entry for a token we have is compared as it would end up, capped at our range.
+        let mut new_tokens = 0;
         let mut differs = false;
         let (mut i, mut j) = (0, 0);
         while j < theirs.len() {
             if i == mine.len() || theirs[j].token < mine[i].token {
-                differs = true;
-                break;
+                new_tokens += 1;
+                j += 1;
+                continue;
             }
             if mine[i].token == theirs[j].token {
+                // Their entry as it would end up: capped at our range for that token.
                 let capped = Entry {
                     free: theirs[j].free.min(self.entry_size(i)),
                     ..theirs[j]
                 };
-                if capped.precedence() > mine[i].precedence() {
-                    differs = true;
-                    break;
-                }
+                differs |= capped.precedence() > mine[i].precedence();
                 j += 1;
             }
             i += 1;
         }
-        if !differs {
-            return None;
+        if new_tokens == 0 && !differs {
+            return false;
         }
 
-        let mut out = Vec::with_capacity(mine.len().max(theirs.len()));
-        let (mut i, mut j) = (0, 0);
-        while i < mine.len() && j < theirs.len() {
-            let (a, b) = (mine[i], theirs[j]);
-            if a.token < b.token {
-                out.push(a);
-                i += 1;
-            } else if b.token < a.token {
-                out.push(b);
-                j += 1;
-            } else {
-                out.push(if b.precedence() > a.precedence() {
+        let n = self.entries.len();
+        self.entries.resize(n + new_tokens, Entry::new(0, 0, 0));
+        let entries = &mut self.entries;
+        let (mut i, mut j, mut k) = (n, theirs.len(), n + new_tokens);
+        while j > 0 {
+            k -= 1;
+            let b = theirs[j - 1];
+            if i > 0 && entries[i - 1].token > b.token {
+                entries[k] = entries[i - 1];
+                i -= 1;
+            } else if i > 0 && entries[i - 1].token == b.token {
+                let a = entries[i - 1];
+                entries[k] = if b.precedence() > a.precedence() {
                     b
                 } else {
                     a
-                });
-                i += 1;
-                j += 1;
+                };
+                i -= 1;
+                j -= 1;
+            } else {
+                entries[k] = b;
+                j -= 1;
             }
         }
-        out.extend_from_slice(&mine[i..]);
-        out.extend_from_slice(&theirs[j..]);
+        debug_assert_eq!(k, i, "our remaining entries are already in place");
         // Either side's hints may exceed a range the other side's tokens shortened.
-        let n = out.len();
-        for k in 0..n {
-            let next = out[(k + 1) % n].token;
-            out[k].free = out[k].free.min(self.dist(out[k].token, next));
+        for k in 0..self.entries.len() {
+            let size = self.entry_size(k);
+            let entry = &mut self.entries[k];
+            entry.free = entry.free.min(size);
         }
-        (out != *mine).then_some(out)
+        true
     }
 }
 

@@ -1,0 +1,113 @@
+"""What the plugin asks Docker: create the `weave` network, list our networks and their containers.
+
+The `weave` network is created with an explicit subnet (without one, Docker discards a pool that
+overlaps a host route and asks again forever: Weave Net's `weave launch` hang) and multicast on.
+"Already exists" is fine when it is ours; a same-named network of another driver is reported, never
+replaced. Docker calls back into our sockets while it creates the network, so the sockets must be
+serving first. Every call has a deadline (the DockerClient's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from typing import Any
+
+from weavenet.plugin.docker_api import DockerClient, DockerError
+from weavenet.plugin.options import MULTICAST_OPTION
+
+log = logging.getLogger(__name__)
+
+
+class NetworkConflict(Exception):
+    """A Docker network with our name exists but is not ours."""
+
+
+@dataclass(frozen=True)
+class DockerNetwork:
+    network_id: str
+    name: str
+    driver: str
+
+
+@dataclass(frozen=True)
+class DockerEndpoint:
+    """A container's endpoint on one of our networks, as Docker reports it."""
+
+    container_id: str
+    network_id: str
+    endpoint_id: str
+    mac: str
+    address: IPv4Interface | None
+
+
+def weave_network_spec(name: str, driver: str, subnet: IPv4Network) -> dict[str, Any]:
+    return {
+        "Name": name,
+        "Driver": driver,
+        "CheckDuplicate": True,
+        "IPAM": {"Driver": driver, "Config": [{"Subnet": str(subnet)}]},
+        "Options": {MULTICAST_OPTION: "true"},
+    }
+
+
+async def ensure_network(docker: DockerClient, name: str, driver: str, subnet: IPv4Network) -> str:
+    """Create the network unless it exists; "created" or "exists". Raises DockerError or NetworkConflict."""
+    try:
+        await docker.create_network(weave_network_spec(name, driver, subnet))
+        return "created"
+    except DockerError as create_error:
+        if create_error.status == 0:
+            raise
+        existing = await docker.inspect_network(name)
+        if existing is None:
+            raise
+    if existing.get("Name") != name:
+        raise NetworkConflict(f"Docker resolved {name!r} to another network ({existing.get('Name')})")
+    if existing.get("Driver") != driver:
+        raise NetworkConflict(
+            f"a Docker network named {name!r} already exists with driver {existing.get('Driver')!r}; "
+            f"remove it (docker network rm {name}) or give --plugin-network another name"
+        )
+    return "exists"
+
+
+async def our_networks(docker: DockerClient, drivers: list[str]) -> list[DockerNetwork]:
+    found: list[DockerNetwork] = []
+    for driver in drivers:
+        listed = await docker.call("GET", "/networks", query={"filters": json.dumps({"driver": [driver]})})
+        for net in listed or []:
+            # the driver filter matches exactly on 20.10, but be strict anyway
+            if net.get("Driver") == driver:
+                found.append(DockerNetwork(str(net["Id"]), str(net.get("Name", "")), driver))
+    return found
+
+
+async def endpoints_on(docker: DockerClient, network_ids: set[str]) -> list[DockerEndpoint]:
+    """Endpoints of running containers on the given networks (one Docker call)."""
+    if not network_ids:
+        return []
+    found: list[DockerEndpoint] = []
+    for container in await docker.list_containers() or []:
+        networks = ((container.get("NetworkSettings") or {}).get("Networks")) or {}
+        for settings in networks.values():
+            if settings.get("NetworkID") not in network_ids:
+                continue
+            address = None
+            if settings.get("IPAddress"):
+                try:
+                    address = IPv4Interface(f"{settings['IPAddress']}/{settings.get('IPPrefixLen') or 32}")
+                except ValueError:
+                    address = None
+            found.append(
+                DockerEndpoint(
+                    container_id=str(container["Id"]),
+                    network_id=str(settings["NetworkID"]),
+                    endpoint_id=str(settings.get("EndpointID") or ""),
+                    mac=str(settings.get("MacAddress") or ""),
+                    address=address,
+                )
+            )
+    return found

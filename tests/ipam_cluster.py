@@ -1,0 +1,157 @@
+"""In-process IPAM clusters for tests: routers on 127.x.y.{11,12,...} (real TCP, fast timings),
+each with an Allocator, stoppable and restartable with the same store.
+
+Used by tests/test_ipam_*.py. Everything runs in one trio run under the test's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from collections.abc import Callable, Coroutine, Sequence
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from weavenet.config import IpallocInit
+from weavenet.ipam.allocator import Allocator, IpamTimings
+from weavenet.mesh.peer_name import PeerName
+from weavenet.mesh.router import MeshTimings, Router
+from weavenet.store import Store
+
+FAST_MESH = MeshTimings.fast()
+FAST_IPAM = IpamTimings.fast()
+RANGE = IPv4Network("10.32.0.0/12")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class Cluster:
+    """Peers i = 0, 1, ... named 0e:00:00:00:00:0{i+1}, nicknamed host{i}."""
+
+    def __init__(self, nursery: trio.Nursery, tmp_path: Path) -> None:
+        self.nursery = nursery
+        self.tmp_path = tmp_path
+        self.prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        self.port = free_port(self.ip(0))
+        self.routers: dict[int, Router] = {}
+        self.allocators: dict[int, Allocator] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.stores: dict[int, Store] = {}
+
+    def ip(self, i: int) -> str:
+        return f"{self.prefix}.{11 + i}"
+
+    def addr(self, i: int) -> str:
+        return f"{self.ip(i)}:{self.port}"
+
+    @staticmethod
+    def name(i: int) -> PeerName:
+        return PeerName(0x0E0000000000 + i + 1)
+
+    async def start(
+        self,
+        i: int,
+        *,
+        init: str = "consensus",
+        ipalloc_range: IPv4Network = RANGE,
+        default_subnet: IPv4Network | None = None,
+        connect: Sequence[int] = (),
+        nickname: str | None = None,
+        targets: int | None = None,
+    ) -> Allocator:
+        """Start peer i (again, with its old store if it ran before) and connect it to `connect`."""
+        store = self.stores.get(i) or Store(self.tmp_path / f"peer{i}")
+        self.stores[i] = store
+        router = Router(
+            name=self.name(i),
+            nickname=nickname or f"host{i}",
+            listen_host=self.ip(i),
+            port=self.port,
+            mesh_key=None,
+            store=store,
+            timings=FAST_MESH,
+        )
+        allocator = Allocator(
+            router,
+            store,
+            ipalloc_range=ipalloc_range,
+            default_subnet=default_subnet,
+            init=IpallocInit.parse(init),
+            targets=len(connect) if targets is None else targets,
+            timings=FAST_IPAM,
+        )
+        self.routers[i], self.allocators[i] = router, allocator
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                self.scopes[i] = scope
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(router.serve)
+                    await nursery.start(allocator.run)
+                    task_status.started()
+
+        await self.nursery.start(run)
+        if connect:
+            await router.connect([self.addr(j) for j in connect])
+        return allocator
+
+    def stop(self, i: int) -> None:
+        self.scopes.pop(i).cancel()
+
+    def __getitem__(self, i: int) -> Allocator:
+        return self.allocators[i]
+
+    def connected(self, i: int, j: int) -> bool:
+        return self.name(j) in self.routers[i].connected_peers()
+
+
+def scenario(timeout: float = 30.0) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
+    """Run an async test body under trio with a deadline, handing it a fresh `Cluster`."""
+
+    def wrap(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+        def run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+            caplog.set_level(logging.INFO, logger="weavenet")
+
+            async def main() -> None:
+                with trio.fail_after(timeout):
+                    async with trio.open_nursery() as nursery:
+                        cluster = Cluster(nursery, tmp_path)
+                        await fn(cluster, caplog)
+                        nursery.cancel_scope.cancel()
+                for store in cluster.stores.values():
+                    store.close()
+
+            trio.run(main)
+
+        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+        return run
+
+    return wrap
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
+    """Wait until `check()` holds; returns how long it took. Fails with `what` on timeout."""
+    start = trio.current_time()
+    with trio.move_on_after(timeout):
+        while not check():
+            await trio.sleep(0.01)
+        return trio.current_time() - start
+    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+
+def ring_view(allocator: Allocator) -> list[tuple[int, int, int]]:
+    """(token, owner, version) of every entry: equal on every peer once gossip has converged."""
+    return [(e.token, e.peer, e.version) for e in allocator.ring.entries()]
+
+
+def all_addresses(allocators: Sequence[Allocator]) -> list[str]:
+    return [str(a.ip) for alloc in allocators for addrs in alloc.owned().values() for a in addrs]

@@ -1,0 +1,424 @@
+"""Helpers for the Docker plugin tests: a client for the plugin sockets, and the Docker harness.
+
+`PluginClient` speaks Docker's plugin protocol to a socket as dockerd does (POST, JSON, keep-alive).
+`DockerRouter` runs a real `weavenet launch --foreground` in the machine's own network namespace
+(where dockerd is), its sockets in a test directory that Docker finds through spec files in
+/etc/docker/plugins (`<name>.spec` → `unix://<socket>`), under driver and network names unique to
+the test (`wnt<6 hex>`). Everything it makes is removed again in `close()`, in the order Docker
+needs: containers, then networks (the plugin must still answer), then the router, then the spec
+files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
+FORWARD chain) if it did not exist before. `sweep_docker()` does the same for runs that died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weavenet.api.client import ApiClient, ApiUnreachable
+from weavenet.config import HttpAddress
+
+WEAVENET = str(Path(sys.executable).with_name("weavenet"))
+SPEC_DIR = Path("/etc/docker/plugins")
+PREFIX = "wnt"  # every Docker object and spec file a plugin test makes starts with this
+BUSYBOX = Path("/bin/busybox")
+DOCKER = shutil.which("docker") or "docker"
+
+
+@dataclass
+class PluginReply:
+    status: int
+    text: str
+    elapsed: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class PluginClient:
+    """POST /<Interface>.<Method> with a JSON body on one keep-alive connection (not thread-safe)."""
+
+    def __init__(self, path: Path | str, timeout: float = 5.0) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+        self._conn: _UnixHTTPConnection | None = None
+
+    def post(self, method: str, body: Any = None, *, raw: bytes | None = None) -> PluginReply:
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        headers = {"Accept": "application/vnd.docker.plugins.v1.2+json", "Content-Length": str(len(payload))}
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = _UnixHTTPConnection(self.path, self.timeout)
+            began = time.monotonic()
+            try:
+                self._conn.request("POST", f"/{method}", body=payload, headers=headers)
+                reply = self._conn.getresponse()
+                text = reply.read().decode()
+                return PluginReply(reply.status, text, time.monotonic() - began)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def ok(self, method: str, body: Any = None) -> Any:
+        reply = self.post(method, body)
+        assert reply.status == 200, f"{method}: {reply.status} {reply.text}"
+        return reply.json
+
+    def err(self, method: str, body: Any = None) -> str:
+        reply = self.post(method, body)
+        assert reply.status == 500, f"{method}: expected an error, got {reply.status} {reply.text}"
+        return str(reply.json["Err"])
+
+    def answers(self) -> bool:
+        """Is the socket served? Probed with a method nobody implements, so no call is counted."""
+        try:
+            return self.post("Plugin.Probe").status > 0
+        except (OSError, http.client.HTTPException):
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- Docker ---
+
+
+def docker(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def docker_lines(*args: str) -> list[str]:
+    return [line for line in docker(*args).stdout.splitlines() if line.strip()]
+
+
+def import_busybox(image: str) -> None:
+    """A 2 MB image from the machine's busybox-static: there is no registry to pull from."""
+    rootfs = Path(f"/tmp/{image}-rootfs")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    try:
+        for sub in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+            (rootfs / sub).mkdir(parents=True)
+        shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+        applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (rootfs / "bin" / applet).symlink_to("busybox")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run([DOCKER, "import", "-", image], stdin=tar.stdout, capture_output=True, text=True)
+        tar.wait()
+        if imported.returncode != 0:
+            raise AssertionError(f"docker import failed: {imported.stderr.strip()}")
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+
+
+def _chain_exists(chain: str) -> bool:
+    return subprocess.run(["iptables", "-w", "5", "-n", "-L", chain], capture_output=True).returncode == 0
+
+
+def _docker_network_exists(name: str) -> bool:
+    return docker("network", "inspect", name, check=False).returncode == 0
+
+
+@dataclass
+class HostSnapshot:
+    """What the machine had before the plugin tests, so that only what they made is removed."""
+
+    weave_bridge: bool
+    gwbridge: bool
+    forward_chain: bool
+    spec_dir: bool
+
+    @classmethod
+    def take(cls) -> HostSnapshot:
+        return cls(
+            _link_exists("weave"),
+            _docker_network_exists("docker_gwbridge"),
+            _chain_exists("WEAVENET-FORWARD"),
+            SPEC_DIR.exists(),
+        )
+
+    def restore(self) -> None:
+        if not self.spec_dir and SPEC_DIR.exists() and not any(SPEC_DIR.iterdir()):
+            SPEC_DIR.rmdir()
+        if not self.gwbridge and _docker_network_exists("docker_gwbridge"):
+            attached = docker("network", "inspect", "-f", "{{len .Containers}}", "docker_gwbridge", check=False)
+            if attached.stdout.strip() == "0":
+                docker("network", "rm", "docker_gwbridge", check=False)
+        if not self.weave_bridge and _link_exists("weave"):
+            subprocess.run(["ip", "link", "del", "weave"], capture_output=True)
+        if not self.forward_chain and _chain_exists("WEAVENET-FORWARD"):
+            while (
+                subprocess.run(
+                    ["iptables", "-w", "5", "-D", "FORWARD", "-j", "WEAVENET-FORWARD"], capture_output=True
+                ).returncode
+                == 0
+            ):
+                pass
+            subprocess.run(["iptables", "-w", "5", "-F", "WEAVENET-FORWARD"], capture_output=True)
+            subprocess.run(["iptables", "-w", "5", "-X", "WEAVENET-FORWARD"], capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DockerRouter:
+    """A weavenet router serving the plugin to the machine's dockerd, under test-unique names."""
+
+    def __init__(self, workdir: Path, *, tag: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.tag = tag or f"{PREFIX}{secrets.token_hex(3)}"
+        self.workdir = workdir
+        self.mesh = f"{self.tag}mesh"  # weavemesh's stand-in
+        self.glob = f"{self.tag}glob"  # weave's stand-in
+        self.network = f"{self.tag}-weave"  # the automatic `weave` network's stand-in
+        self.plugin_dir = workdir / "plugins"
+        self.state_dir = workdir / "state"
+        self.api_socket = workdir / "api.sock"
+        self.port = free_port()
+        self.extra = extra
+        self.client = ApiClient(HttpAddress(unix_path=str(self.api_socket)), timeout=5.0)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.spec_files = [SPEC_DIR / f"{name}.spec" for name in (self.mesh, self.glob)]
+
+    @property
+    def socket(self) -> Path:
+        return self.plugin_dir / f"{self.mesh}.sock"
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            WEAVENET,
+            "launch",
+            "--foreground",
+            "--state-dir",
+            str(self.state_dir),
+            "--http-addr",
+            str(self.api_socket),
+            "--port",
+            str(self.port),
+            "--nickname",
+            self.tag,
+            "--log-level",
+            "debug",
+            "--plugin-dir",
+            str(self.plugin_dir),
+            "--plugin-mesh-name",
+            self.mesh,
+            "--plugin-name",
+            self.glob,
+            "--plugin-network",
+            self.network,
+            *self.extra,
+        ]
+
+    def start(self, *, wait_network: bool = True) -> DockerRouter:
+        SPEC_DIR.mkdir(parents=True, exist_ok=True)
+        for spec in self.spec_files:
+            spec.write_text(f"unix://{self.plugin_dir / spec.with_suffix('.sock').name}\n")
+        self.starts += 1
+        log = open(self.workdir / f"router.{self.starts}.log", "wb")  # noqa: SIM115 (the child keeps it)
+        env = {k: v for k, v in os.environ.items() if k not in ("WEAVE_PASSWORD", "EXTRA_ARGS")}
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        wait_for(self._answers, timeout=30, what=f"router {self.tag} API")
+        wait_for(lambda: PluginClient(self.socket).answers(), timeout=10, what="the plugin socket")
+        if wait_network:
+            wait_for(self._network_ready, timeout=30, what=f"Docker network {self.network}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"router exited ({self.process.returncode}); log:\n{self.log()[-3000:]}")
+        try:
+            return self.client.request("GET", "/status").status == 200
+        except ApiUnreachable:
+            return False
+
+    def _network_ready(self) -> bool:
+        state = self.report()["Plugin"]["Network"]
+        if state["State"] == "failed" and "waiting" not in state["Error"]:
+            raise AssertionError(f"Docker network {self.network} not created: {state['Error']}")
+        return state["State"] in ("created", "exists")
+
+    def report(self) -> dict[str, Any]:
+        reply = self.client.request("GET", "/report", accept_json=True)
+        assert reply.status == 200, reply.text
+        return reply.json()
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [WEAVENET, *args, "--http-addr", str(self.api_socket)], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 0, f"weavenet {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("router.*.log")))
+
+    # --- cleanup ---
+
+    def close(self) -> None:
+        """Remove what the test made in Docker (while the plugin still answers), then stop."""
+        with contextlib.suppress(Exception):
+            remove_docker_objects(self.tag)
+        self.stop()
+        for spec in self.spec_files:
+            spec.unlink(missing_ok=True)
+
+
+def remove_docker_objects(tag: str) -> None:
+    """Containers named <tag>*, then networks named <tag>* or with a <tag>* driver."""
+    containers = docker_lines("ps", "-aq", "--filter", f"name=^/{tag}")
+    if containers:
+        docker("rm", "-f", *containers, check=False)
+    for line in docker_lines("network", "ls", "--format", "{{.ID}} {{.Name}} {{.Driver}}"):
+        net_id, name, driver = line.split()
+        if name.startswith(tag) or driver.startswith(tag):
+            docker("network", "rm", net_id, check=False, timeout=60)
+
+
+def sweep_docker() -> list[str]:
+    """Remove what dead plugin test runs left in Docker. Their plugin is gone, so a stand-in
+    answers Docker's teardown calls for their driver names while their networks are removed."""
+    leftovers: set[str] = set()
+    for line in docker_lines("network", "ls", "--format", "{{.Name}} {{.Driver}}"):
+        name, driver = line.split()
+        for text in (name, driver):
+            if text.startswith(PREFIX) and len(text) >= len(PREFIX) + 6:
+                leftovers.add(text[: len(PREFIX) + 6])
+    for line in docker_lines("ps", "-a", "--format", "{{.Names}}"):
+        if line.startswith(PREFIX):
+            leftovers.add(line[: len(PREFIX) + 6])
+    live = {p.stem[: len(PREFIX) + 6] for p in SPEC_DIR.glob(f"{PREFIX}*.spec") if _spec_alive(p)}
+    dead = sorted(leftovers - live)
+    for tag in dead:
+        with _stand_in(tag):
+            remove_docker_objects(tag)
+    for spec in SPEC_DIR.glob(f"{PREFIX}*.spec"):
+        if spec.stem[: len(PREFIX) + 6] not in live:
+            spec.unlink(missing_ok=True)
+    return dead
+
+
+def _spec_alive(spec: Path) -> bool:
+    target = spec.read_text().strip().removeprefix("unix://")
+    return PluginClient(target, timeout=1).answers()
+
+
+@contextlib.contextmanager
+def _stand_in(tag: str) -> Iterator[None]:
+    """A throwaway plugin answering `{}` to everything under the dead run's driver names.
+
+    Docker caches a legacy plugin's address at activation, so the stand-in listens where the dead
+    run's spec file pointed (a new place only if the spec is gone: then Docker has not cached it).
+    """
+    workdir = Path(f"/tmp/{tag}-sweep")
+    workdir.mkdir(exist_ok=True)
+    code = (
+        "import http.server, json, os, socketserver, subprocess, sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    protocol_version = 'HTTP/1.1'\n"
+        "    def log_message(self, *a): pass\n"
+        "    def do_POST(self):\n"
+        "        raw = self.rfile.read(int(self.headers.get('Content-Length') or 0))\n"
+        "        if 'DeleteEndpoint' in self.path:  # what the dead router would have done\n"
+        "            eid = json.loads(raw or b'{}').get('EndpointID', '')[:9]\n"
+        "            subprocess.run(['ip', 'link', 'del', 'vethwl' + eid], capture_output=True)\n"
+        '        act = b\'{"Implements": ["NetworkDriver", "IpamDriver"]}\'\n'
+        "        body = act if 'Activate' in self.path else b'{}'\n"
+        "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer): daemon_threads = True\n"
+        "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
+        "S(sys.argv[1], H).serve_forever()\n"
+    )
+    processes, sockets, specs = [], [], []
+    for suffix in ("mesh", "glob"):
+        spec = SPEC_DIR / f"{tag}{suffix}.spec"
+        sock = Path(spec.read_text().strip().removeprefix("unix://")) if spec.exists() else workdir / f"{suffix}.sock"
+        sock.unlink(missing_ok=True)
+        spec.write_text(f"unix://{sock}\n")
+        specs.append(spec)
+        sockets.append(sock)
+        processes.append(subprocess.Popen([sys.executable, "-c", code, str(sock)]))
+    try:
+        for sock in sockets:
+            wait_for(lambda s=sock: PluginClient(s).answers(), timeout=5, what="the sweeper's stand-in plugin")
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        for spec, sock in zip(specs, sockets, strict=True):
+            spec.unlink(missing_ok=True)
+            sock.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)

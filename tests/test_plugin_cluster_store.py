@@ -1,0 +1,171 @@
+"""The global `weave` driver end to end: two Docker 20.10 daemons sharing an etcd cluster store.
+
+Each "host" is its own set of namespaces with its own dockerd and weavenet router (tests/
+cluster_store.py); the machine's daemon is never touched. A network created on one host is seen on
+the other (the store), addresses come from Docker's global IPAM, the host that did not create the
+network gets CreateEndpoint with no CreateNetwork first, and Docker's node discovery introduces the
+two routers to each other (no peers given at launch).
+
+Cross-host pings through the mesh need the Rust datapath (issue 5): until the router carries frames
+between hosts, that test skips, naming what it waits for. The plugin's own part is proved
+meanwhile with a kernel VXLAN joining the two weave bridges in the datapath's place.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_store import ETCD, ClusterStoreLab, StoreHost, dockerd_version, sweep_cluster_store_labs
+from tests.plugin_helpers import wait_for
+from tests.prereq import missing
+from weavenet import _fastdp
+
+pytestmark = [pytest.mark.lab]
+
+SUBNET = "10.231.0.0/24"
+
+
+@pytest.fixture
+def store_lab(tmp_path: Path) -> Iterator[ClusterStoreLab]:
+    version = dockerd_version()
+    if version is None:
+        missing("dockerd (Debian package docker.io)")
+    assert version is not None
+    if version >= (23,):
+        pytest.skip(f"dockerd {'.'.join(map(str, version))} has no --cluster-store (removed in 23.0)")
+    if not Path(ETCD).exists():
+        missing("etcd (Debian package etcd-server)")
+    if not Path("/bin/busybox").exists():
+        missing("/bin/busybox (Debian package busybox-static)")
+    sweep_cluster_store_labs()
+    lab = ClusterStoreLab()
+    try:
+        with lab:
+            print(f"cluster-store lab up in {lab.setup_seconds:.1f}s")
+            try:
+                yield lab
+            finally:
+                lab.keep_logs(tmp_path / "store-lab")  # the lab's own directory goes at close
+    except BaseException:
+        print(lab.logs())
+        raise
+
+
+def ethwe(host: StoreHost, container: str) -> str:
+    out = host.docker("exec", container, "ip", "-o", "-4", "addr", "show").stdout
+    found = re.search(r"\d+: ethwe\d+\s+inet (\S+)", out)
+    assert found, out
+    return found.group(1)
+
+
+def pings(host: StoreHost, container: str, target: str) -> bool:
+    return host.docker("exec", container, "ping", "-c", "1", "-W", "2", target, check=False).returncode == 0
+
+
+def calls(host: StoreHost) -> dict[str, int]:
+    return {k: v["Count"] for k, v in host.report()["Plugin"]["Calls"].items()}
+
+
+def established(host: StoreHost) -> set[str]:
+    router = host.report()["Router"]
+    me = next((p for p in router["Peers"] if p["Name"] == router["Name"]), {"Connections": []})
+    return {c["NickName"] for c in me["Connections"] if c.get("Established")}
+
+
+def start_global_network(lab: ClusterStoreLab) -> tuple[str, str, str, str]:
+    a, b = lab.hosts
+    a.docker("network", "create", "-d", "weave", "--subnet", SUBNET, "gnet")
+    listed = wait_for(
+        lambda: "gnet weave global" in b.docker("network", "ls", "--format", "{{.Name}} {{.Driver}} {{.Scope}}").stdout,
+        timeout=10,
+        what="host b to list gnet",
+    )
+    assert listed
+    began = time.monotonic()
+    a.docker("run", "-d", "--init", "--name", "ca", "--network", "gnet", "busybox", "sleep", "600")
+    b.docker("run", "-d", "--init", "--name", "cb", "--network", "gnet", "busybox", "sleep", "600")
+    print(f"docker run on a and b: {time.monotonic() - began:.2f}s")
+    return "ca", ethwe(a, "ca"), "cb", ethwe(b, "cb")
+
+
+def test_global_network_across_two_daemons_with_a_cluster_store(store_lab: ClusterStoreLab):
+    a, b = store_lab.hosts
+    _, ca_ip, _, cb_ip = start_global_network(store_lab)
+
+    # Docker's global IPAM (in the store): distinct addresses in the network's subnet
+    assert ca_ip != cb_ip and ca_ip.endswith("/24") and cb_ip.endswith("/24")
+    assert ca_ip.startswith("10.231.0.") and cb_ip.startswith("10.231.0.")
+
+    # a created the network; b never gets CreateNetwork (C1) yet plugs its container in
+    a_calls, b_calls = calls(a), calls(b)
+    assert a_calls.get("NetworkDriver.CreateNetwork") == 1
+    assert "NetworkDriver.CreateNetwork" not in b_calls
+    assert b_calls.get("NetworkDriver.CreateEndpoint") == 1 and b_calls.get("NetworkDriver.Join") == 1
+    assert a_calls.get("NetworkDriver.DiscoverNew", 0) >= 2  # itself and b
+    gnet = [n for n in b.report()["Plugin"]["Networks"] if n["Driver"] == "weave"]
+    assert gnet and gnet[0]["Pools"] == [SUBNET]  # learned from b's Docker, not from CreateNetwork
+
+    # Docker's node discovery introduced the routers: no peers were given at launch
+    wait_for(lambda: established(a) == {f"{store_lab.tag}-b"}, timeout=20, what="a's router to connect to b's")
+    assert established(b) == {f"{store_lab.tag}-a"}
+
+    # the rest of the user's view: same-host traffic, names across hosts, teardown rules
+    a.docker("run", "-d", "--init", "--name", "ca2", "--network", "gnet", "busybox", "sleep", "600")
+    assert pings(a, "ca2", ca_ip.split("/")[0])
+    assert '"Name": "cb"' in a.docker("network", "inspect", "gnet").stdout  # b's endpoint, via the store
+    refused = b.docker("network", "rm", "gnet", check=False)
+    assert refused.returncode != 0 and "active endpoints" in refused.stderr
+
+    for host, names in ((a, ["ca", "ca2"]), (b, ["cb"])):
+        host.docker("rm", "-f", *names)
+        assert not [line for line in host.inside("ip", "-o", "link").stdout.splitlines() if "vethw" in line]
+    a.docker("network", "rm", "gnet")
+    assert "gnet" not in b.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert not [n for n in a.report()["Plugin"]["Networks"] if n["Driver"] == "weave"]
+
+
+def test_global_network_containers_ping_across_hosts_with_the_bridges_joined(store_lab: ClusterStoreLab):
+    """The plugin's whole part across hosts, with a kernel VXLAN standing in for the datapath."""
+    a, b = store_lab.hosts
+    for host, peer in ((a, b), (b, a)):
+        host.inside("ip", "link", "add", "wcsvx0", "type", "vxlan", "id", "4242", "local", host.address,
+                    "dstport", "4789", "dev", "ul0")  # fmt: skip
+        host.inside("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "wcsvx0", "dst", peer.address)
+        host.inside("ip", "link", "set", "wcsvx0", "master", "weave", "up")
+    ca, ca_ip, cb, cb_ip = start_global_network(store_lab)
+    assert pings(a, ca, cb_ip.split("/")[0]) and pings(b, cb, ca_ip.split("/")[0])
+    assert pings(b, cb, ca)  # by name: Docker's embedded DNS, fed from the store
+    a.docker("rm", "-f", ca)
+    b.docker("rm", "-f", cb)
+    a.docker("network", "rm", "gnet")
+
+
+def datapath_attached(host: StoreHost) -> bool:
+    """Does the router carry frames between hosts: is its datapath's TAP a port of the weave bridge?"""
+    return " tun " in host.inside("ip", "-d", "-o", "link", "show", "master", "weave", check=False).stdout
+
+
+def test_global_network_containers_ping_across_hosts_through_the_mesh(store_lab: ClusterStoreLab):
+    """Through weavenet itself: the ping works, fails while the mesh link is cut, returns when healed."""
+    a, b = store_lab.hosts
+    if not (hasattr(_fastdp, "Datapath") and datapath_attached(a) and datapath_attached(b)):
+        pytest.skip("needs the Rust datapath on the weave bridge (issue 5): the router does not carry frames yet")
+    ca, ca_ip, cb, cb_ip = start_global_network(store_lab)
+    wait_for(lambda: established(a) == {f"{store_lab.tag}-b"}, timeout=20, what="the mesh between a and b")
+    wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=20, what="a's container to reach b's")
+    assert pings(b, cb, ca_ip.split("/")[0])
+    # cut the underlay between the routers (only the mesh port: etcd must stay reachable)
+    for host in (a, b):
+        host.inside("iptables", "-I", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP")
+        host.inside("iptables", "-I", "INPUT", "-p", "tcp", "--dport", "6783", "-j", "DROP")
+    wait_for(lambda: not pings(a, ca, cb_ip.split("/")[0]), timeout=30, what="the ping to fail with the mesh cut")
+    for host in (a, b):
+        host.inside("iptables", "-D", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP")
+        host.inside("iptables", "-D", "INPUT", "-p", "tcp", "--dport", "6783", "-j", "DROP")
+    wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=60, what="the ping to return after healing")
+    assert pings(b, cb, ca_ip.split("/")[0])
