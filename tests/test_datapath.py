@@ -12,7 +12,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -496,3 +496,27 @@ def test_udp_gso_super_datagrams_are_segmented(lab: Lab, closing: list[Datapath]
     assert [len(g) for g in got] == [1000] * 5 + [120]
     if a.datapath.tap_offloads & 0x20:  # TUN_F_USO4: the kernel handed us the super-datagram
         assert a.datapath.stats()["segmented"] >= 1
+
+
+def test_liveness_follows_the_underlay(lab: Lab, closing: list[Datapath]) -> None:
+    """Heartbeats keep a peer up; cut the underlay and it goes down, heal it and it comes back."""
+    nodes = build(lab, handshake())
+    closing += [n.datapath for n in nodes]
+    a, b = nodes
+    both_up(nodes)
+    assert a.datapath.stats()["peers"][peer_id(b.host)]["rtt_us"] > 0
+    seen: list[tuple] = []
+
+    def saw(event: tuple) -> Callable[[], bool]:
+        def check() -> bool:
+            seen.extend(a.datapath.drain_events())
+            return event in seen
+
+        return check
+
+    lab.cut(a.host, b.host)
+    wait_until(saw(("peer_down", peer_id(b.host))), timeout=20, message="B to be reported down")
+    lab.heal(a.host, b.host)
+    seen.clear()
+    wait_until(saw(("peer_up", peer_id(b.host))), timeout=10, message="B to be reported up again")
+    a.container.wait_reachable(overlay_ip(b.host), timeout=10)

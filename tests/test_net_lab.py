@@ -132,7 +132,7 @@ def test_expose_lets_the_host_reach_containers(lab: Lab):
 
 def test_targets_resolve_to_namespaces_or_fail_clearly(lab: Lab):
     c1 = lab.hosts[0].add_container("c1")
-    assert resolve(c1.path) == Namespace(path=c1.path, ident=f"netns:{c1.path}")
+    assert resolve(c1.path) == Namespace(path=c1.path, ident=f"netns:{c1.name}")
     assert resolve(c1.name).path == c1.path
     assert resolve("abc", lambda name: ("abc" * 20, 4242)).ident == "abc" * 20
     with pytest.raises(TargetError, match="no such container or network namespace"):

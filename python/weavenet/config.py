@@ -160,6 +160,7 @@ class Settings:
     ipalloc_init: IpallocInit = field(default_factory=IpallocInit)
     mtu: int | None = None  # None → derived from the underlay
     foreground: bool = False
+    datapath: bool = True  # the Rust datapath (bridge, TAP, UDP); off: control plane only
     # Docker plugin: on unless --no-plugin; None dir → /run/docker/plugins when it exists and the
     # router runs in the host's network namespace (where dockerd is). Empty names disable a part.
     plugin: bool = True
@@ -371,6 +372,12 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-plugin", dest="no_plugin", action="store_true", help="do not serve the Docker plugin [$WEAVE_NO_PLUGIN]"
     )
+    parser.add_argument(
+        "--no-fastdp",
+        dest="no_fastdp",
+        action="store_true",
+        help="run no datapath: the mesh carries control traffic only [$WEAVE_NO_FASTDP]",
+    )
     parser.add_argument("peers", nargs="*", metavar="PEER[:PORT]", help="peers to connect to")
 
 
@@ -402,23 +409,25 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         peers=tuple(peers),
         discovery=not getattr(args, "no_discovery", False),
         foreground=bool(getattr(args, "foreground", False)),
-        plugin=not _no_plugin(args, env),
+        plugin=not _switched_off(args, env, "no_plugin", "--no-plugin", "WEAVE_NO_PLUGIN"),
+        datapath=not _switched_off(args, env, "no_fastdp", "--no-fastdp", "WEAVE_NO_FASTDP"),
         **values,  # type: ignore[arg-type]
     )
     _check_consistency(settings)
     return settings
 
 
-def _no_plugin(args: argparse.Namespace, env: Mapping[str, str]) -> bool:
-    if getattr(args, "no_plugin", False):
+def _switched_off(args: argparse.Namespace, env: Mapping[str, str], dest: str, flag: str, env_name: str) -> bool:
+    """A `--no-X` switch, or its environment variable in Go bool syntax."""
+    if getattr(args, dest, False):
         return True
-    text = env.get("WEAVE_NO_PLUGIN", "")
+    text = env.get(env_name, "")
     if not text.strip():
         return False
     try:
         return _parse_bool(text)
     except ValueError as exc:
-        raise ConfigError("--no-plugin", str(exc), "WEAVE_NO_PLUGIN") from None
+        raise ConfigError(flag, str(exc), env_name) from None
 
 
 def _split_peers(items: Sequence[str]) -> list[str]:

@@ -34,6 +34,7 @@ from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.router import Router
 from weavenet.net.containers import Containers
 from weavenet.net.mtu import overlay_mtu
+from weavenet.net.overlay import OVERLAY_NAME, Overlay
 from weavenet.plugin.server import PluginService, plugin_dir
 from weavenet.store import Store
 
@@ -53,6 +54,7 @@ class Node:
     router: Router
     ipam: Allocator | None = None  # None when IPAM is disabled (empty --ipalloc-range)
     containers: Containers | None = None  # attach/detach/expose/ps on this host
+    overlay: Overlay | None = None  # the datapath's controller (None with --no-fastdp)
     plugin: PluginService | None = None  # the Docker plugin, when it serves (see plugin.server.plugin_dir)
     started_at: float = field(default_factory=time.time)
     stop_requested: trio.Event = field(default_factory=trio.Event)
@@ -158,7 +160,12 @@ async def run_daemon(settings: Settings) -> None:
         conn_limit=settings.conn_limit,
         discovery=settings.discovery,
         trusted_subnets=settings.trusted_subnets,
+        # With a datapath, a link counts as established only once its UDP heartbeats arrive.
+        auto_establish=not settings.datapath,
+        data_port=settings.port if settings.datapath else 0,
+        overlays=(OVERLAY_NAME,) if settings.datapath else (),
     )
+    mtu = overlay_mtu(settings.mtu, encrypted=mesh_key is not None)
     node = Node(settings=settings, store=store, name=name, router=router)
     if settings.ipalloc_range is not None:
         # Before the router serves: the allocator registers its gossip channel.
@@ -177,13 +184,17 @@ async def run_daemon(settings: Settings) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, node)
             nursery.start_soon(_watch_stop_request, nursery.cancel_scope, node)
+            if settings.datapath:
+                # Before the router serves, so that every connection reaches the datapath.
+                node.overlay = Overlay(router, port=settings.port, mtu=mtu, bind_host=settings.host)
+                await nursery.start(node.overlay.run)
             await nursery.start(router.serve)
             if node.ipam is not None:
                 await nursery.start(node.ipam.run)
             if settings.peers:
                 await router.connect([str(p) for p in settings.peers])
             # After IPAM (if any) is on the node: attach/expose allocate through it.
-            node.containers = Containers(store=store, ipam=node.ipam, mtu=overlay_mtu(settings.mtu))
+            node.containers = Containers(store=store, ipam=node.ipam, mtu=mtu)
             if settings.http_addr is not None:
                 api = build_api(node)
                 if settings.http_addr.unix_path:

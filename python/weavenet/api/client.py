@@ -73,9 +73,7 @@ class ApiClient:
             reply = conn.getresponse()
             return ApiResponse(reply.status, reply.read())
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise ApiUnreachable(
-                f"weavenet is not running (nothing answers at {self.address}: {exc})"
-            ) from None
+            raise ApiUnreachable(f"weavenet is not running (nothing answers at {self.address}: {exc})") from None
         except OSError as exc:
             raise ApiUnreachable(f"cannot reach weavenet at {self.address}: {exc}") from None
         finally:

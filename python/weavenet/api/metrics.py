@@ -34,9 +34,7 @@ def render(samples: Iterable[Sample], types: dict[str, str] | None = None) -> st
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in values:
             label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-            lines.append(
-                f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}"
-            )
+            lines.append(f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 

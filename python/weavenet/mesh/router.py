@@ -104,6 +104,7 @@ class _Rejected:
 class _Listeners:
     routes: list[Callable[[Routes], None]] = field(default_factory=list)
     peer_gone: list[Callable[[PeerName], None]] = field(default_factory=list)
+    connections: list[Callable[[Connection, bool], None]] = field(default_factory=list)
     overlay_control: Callable[[Connection, int, bytes], None] | None = None
 
 
@@ -168,6 +169,8 @@ class Router:
         trusted_subnets: Sequence[IPv4Network] = (),
         timings: MeshTimings = MeshTimings(),
         auto_establish: bool = True,
+        data_port: int = 0,
+        overlays: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.nickname = nickname
@@ -181,6 +184,8 @@ class Router:
         self.timings = timings
         # Until the datapath reports a link established, a control link counts as one.
         self.auto_establish = auto_establish
+        self.data_port = data_port  # told to peers in the intro, so they know where to send data
+        self.overlays = overlays
         self.uid = _random_uid()
         self.topology = Topology(name, nickname, self.uid)
         self._connections: dict[PeerName, Connection] = {}
@@ -303,7 +308,7 @@ class Router:
         label = f"{arrow}[{address}]"
         our_conn_id = new_conn_id()
         trusted = self._trusts(address)
-        intro = wire.Intro(self.name, self.nickname, self.uid, our_conn_id, trusted)
+        intro = wire.Intro(self.name, self.nickname, self.uid, our_conn_id, trusted, self.overlays, self.data_port)
         channel: MeshChannel | None = None
         conn: Connection | None = None
         reason = "router shutting down"
@@ -415,11 +420,15 @@ class Router:
         self._hub.send_all_down(peer)
         self._wake_maker()
         log.info("%s connection added (%s)", conn, "encrypted" if conn.encrypted else "unencrypted")
+        for callback in list(self._listeners.connections):
+            _notify(lambda c, callback=callback: callback(c, True), conn)
         return None
 
     def _detach(self, conn: Connection) -> None:
         if self._connections.get(conn.remote_name) is conn:
             del self._connections[conn.remote_name]
+            for callback in list(self._listeners.connections):
+                _notify(lambda c, callback=callback: callback(c, False), conn)
         self._hub.detach(conn.sender)
 
     def _remove_connection(self, conn: Connection, reason: str, failure: Failure, *, stopping: bool = False) -> None:
@@ -557,6 +566,11 @@ class Router:
     def subscribe_routes(self, callback: Callable[[Routes], None]) -> None:
         """Call `callback(routes)` after topology changes (debounced), e.g. to push routes to the datapath."""
         self._listeners.routes.append(callback)
+
+    def subscribe_connections(self, callback: Callable[[Connection, bool], None]) -> None:
+        """Call `callback(connection, True)` when a connection is admitted and `(connection, False)`
+        when it goes, e.g. to give the datapath the peer's address and keys."""
+        self._listeners.connections.append(callback)
 
     def subscribe_peer_gone(self, callback: Callable[[PeerName], None]) -> None:
         """Call `callback(name)` when a peer is garbage-collected (unreachable), e.g. for IPAM."""

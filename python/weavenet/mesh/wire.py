@@ -170,6 +170,7 @@ class Intro:
     conn_id: int  # random per connection; conn uid = ours XOR theirs
     trusted: bool  # whether the *sender* trusts the receiver's address (--trusted-subnets)
     overlays: tuple[str, ...] = ()  # datapaths the sender can run, most preferred first
+    data_port: int = 0  # the sender's datapath UDP port; 0 = it runs no datapath
 
 
 def encode_intro(intro: Intro) -> bytes:
@@ -182,6 +183,7 @@ def encode_intro(intro: Intro) -> bytes:
             "conn_id": intro.conn_id,
             "trusted": intro.trusted,
             "overlays": list(intro.overlays),
+            "data_port": intro.data_port,
         },
         use_bin_type=True,
     )
@@ -213,6 +215,7 @@ def decode_intro(data: bytes) -> Intro:
         conn_id=_uint(fields["conn_id"], "intro conn_id", MAX_UINT64),
         trusted=_bool(fields["trusted"], "intro trusted"),
         overlays=tuple(_short_text(o, "overlay name", 32) for o in overlays),
+        data_port=_uint(fields.get("data_port", 0), "intro data_port", 65535),
     )
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pyroute2 import IPRoute
 
-# Outer IPv4 (20) + UDP (8) + our header + AEAD tag, plus the inner Ethernet header (14) that the
-# overlay MTU does not count. The datapath's exact figure is authoritative once it reports it.
-DEFAULT_OVERHEAD = 20 + 8 + 32 + 16 + 14
+from weavenet._fastdp import datapath_overlay_mtu
+
 MIN_MTU = 576
 FALLBACK_UNDERLAY_MTU = 1500
 
@@ -30,7 +29,9 @@ def underlay_mtu() -> int:
     return max(mtus, default=FALLBACK_UNDERLAY_MTU)
 
 
-def overlay_mtu(override: int | None = None, *, overhead: int = DEFAULT_OVERHEAD) -> int:
+def overlay_mtu(override: int | None = None, *, encrypted: bool) -> int:
+    """The overlay MTU: the override, or what the underlay carries after the datapath's encapsulation
+    (its own figure: outer headers, our header, and the AEAD tag when encrypted)."""
     if override is not None:
         return override
-    return max(MIN_MTU, underlay_mtu() - overhead)
+    return max(MIN_MTU, datapath_overlay_mtu(underlay_mtu(), encrypted))

@@ -24,7 +24,7 @@ class TargetError(Exception):
 @dataclass(frozen=True)
 class Namespace:
     path: str  # /run/netns/NAME, /proc/PID/ns/net, or another bind-mounted nsfs file
-    ident: str  # IPAM identity: the container id, or "netns:NAME" / "netns:PATH"
+    ident: str  # IPAM identity: the container id, "netns:NAME", or "netns:ino<inode>" for other paths
 
     @property
     def inode(self) -> int:
@@ -46,7 +46,11 @@ def resolve(target: str, containers: ContainerResolver | None = None) -> Namespa
     if target.startswith("/"):
         if not os.path.exists(target):
             raise TargetError(f"{target}: no such file")
-        return Namespace(path=target, ident=f"netns:{target}")
+        path = Path(target)
+        if path.parent == NETNS_RUN_DIR:
+            return Namespace(path=target, ident=f"netns:{path.name}")
+        # IPAM identities may not contain '/': name an arbitrary nsfs file by its inode.
+        return Namespace(path=target, ident=f"netns:ino{os.stat(target).st_ino}")
     named = NETNS_RUN_DIR / target
     if "/" not in target and named.exists():
         return Namespace(path=str(named), ident=f"netns:{target}")

@@ -275,7 +275,7 @@ class PluginService:
             raise PluginError(f"cannot use plugin directory {self.directory}: {exc.strerror}") from None
         if not bridge_present():
             try:
-                bridge.ensure_bridge(mtu=overlay_mtu(self.settings.mtu))
+                bridge.ensure_bridge(mtu=overlay_mtu(self.settings.mtu, encrypted=self.settings.encrypted))
             except bridge.PlumbingError as exc:
                 raise PluginError(f"cannot create the {bridge.BRIDGE_NAME} bridge: {exc}") from None
         try:
