@@ -289,6 +289,8 @@ def cmd_hide(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    from weavenet.net.containers import ps_line
+
     try:
         reply = _client(args).request("GET", "/ps", accept_json=True)
     except ApiUnreachable as exc:
@@ -297,7 +299,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for row in reply.json():
         if args.targets and not any(row["ID"].startswith(t) for t in args.targets):
             continue
-        print(f"{row['ID'][:12]} {row['MAC']} {' '.join(row['CIDRs'])}".rstrip())
+        print(ps_line(row))
     return 0
 
 
@@ -320,6 +322,15 @@ def cmd_prime(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     _check(reply.status, reply.text, "prime")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from weavenet.demo import DemoError, run_demo
+
+    try:
+        return run_demo(password=not args.no_password, seconds=args.seconds)
+    except DemoError as exc:
+        raise CliError(f"demo: {exc}") from None
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -383,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     expose.add_argument("addrs", nargs="*", metavar="ADDR", help=addr_help)
     hide = client_command("hide", "take the host's address(es) off the overlay")
     hide.add_argument("addrs", nargs="*", metavar="ADDR")
+    demo = commands.add_parser(
+        "demo",
+        help="build a 3-host weavenet out of namespaces, show it working, remove it",
+        description="Build a 3-host weavenet out of network namespaces on this machine, show status, ps, "
+        "pings and iperf3 throughput across it, then remove everything. Needs root.",
+    )
+    demo.add_argument("--no-password", action="store_true", help="run the mesh without encryption")
+    demo.add_argument("--seconds", type=int, default=3, help="iperf3 duration (default 3)")
     ps = client_command("ps", "list attached containers: id, MAC, addresses")
     ps.add_argument("targets", nargs="*", metavar="CONTAINER")
     return parser
@@ -403,6 +422,7 @@ _HANDLERS = {
     "expose": cmd_expose,
     "hide": cmd_hide,
     "ps": cmd_ps,
+    "demo": cmd_demo,
 }
 
 

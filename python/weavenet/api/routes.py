@@ -16,7 +16,7 @@ from weavenet.ipam import http as ipam_http
 from weavenet.ipam.errors import IpamError
 from weavenet.ipam.status import format_ipam_status
 from weavenet.mesh import status_text
-from weavenet.net.containers import AddressRequest, AttachError, Containers
+from weavenet.net.containers import AddressRequest, AttachError, Containers, ps_line
 from weavenet.plugin.server import format_status as plugin_status
 
 if TYPE_CHECKING:
@@ -165,5 +165,4 @@ def mount_containers(api: Router, node: Node) -> None:
             rows += await node.plugin.ps()
         if request.wants_json():
             return Response.json(rows)
-        lines = [f"{row['ID'][:12]} {row['MAC']} {' '.join(row['CIDRs'])}".rstrip() for row in rows]
-        return Response.text("".join(line + "\n" for line in lines))
+        return Response.text("".join(ps_line(row) + "\n" for row in rows))

@@ -259,3 +259,11 @@ def _bridge_row() -> dict[str, Any] | None:
         mac = str(ipr.get_links(index)[0].get("IFLA_ADDRESS"))
         cidrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=index, family=2)]
     return {"ID": EXPOSE_IDENT, "MAC": mac, "CIDRs": cidrs}
+
+
+def ps_line(row: dict[str, Any]) -> str:
+    """One `weavenet ps` line: a container id shortened to 12 characters as Docker shows it;
+    other identities (weave:expose, netns:NAME) in full, since a prefix of them names nothing."""
+    ident = str(row["ID"])
+    shown = ident[:12] if ":" not in ident else ident
+    return f"{shown} {row['MAC']} {' '.join(row['CIDRs'])}".rstrip()

@@ -33,6 +33,9 @@ use crate::frame::{Kind, Route, BROADCAST, PMTU_BODY_LEN};
 
 /// Frames read from the TAP per flush.
 const TAP_BATCH: usize = 128;
+/// Frames a poke from the receive thread reads at most: enough for an answer, never a bulk
+/// transfer's worth of work on the receive thread.
+const POKE_FRAMES: usize = 4;
 /// Flush earlier when this many bytes are queued.
 const FLUSH_BYTES: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(100);
@@ -142,7 +145,7 @@ impl SendThread {
             if ready[1] {
                 s.wake.clear();
             }
-            s.step(ready[0]);
+            s.step(if ready[0] { TAP_BATCH } else { 0 });
             if ready != [false, false] {
                 spin_until = Instant::now() + shared.spin;
             }
@@ -157,19 +160,21 @@ impl SendThread {
     /// third of pings (`sent_inline`); otherwise softirq work is deferred to ksoftirqd.
     pub fn poke(&mut self) {
         let before = get(&self.shared.stats.tap_rx_frames);
-        self.step(true);
+        self.step(POKE_FRAMES);
         add(
             &self.shared.stats.sent_inline,
             get(&self.shared.stats.tap_rx_frames) - before,
         );
     }
 
-    fn step(&mut self, tap_ready: bool) {
+    /// One round of work: commands, work from the receive thread, up to `tap_frames` frames from
+    /// the TAP, the flush, and the timers when due.
+    fn step(&mut self, tap_frames: usize) {
         self.now = Instant::now();
         self.apply_commands();
         self.drain_work();
-        if tap_ready {
-            self.read_tap();
+        if tap_frames > 0 {
+            self.read_tap(tap_frames);
         }
         self.flush();
         if Instant::now() >= self.next_tick {
@@ -294,8 +299,8 @@ impl SendThread {
         true
     }
 
-    fn read_tap(&mut self) {
-        for _ in 0..TAP_BATCH {
+    fn read_tap(&mut self, max_frames: usize) {
+        for _ in 0..max_frames {
             let mut buf = std::mem::take(&mut self.read_buf);
             let r = self.tap.read(&mut buf);
             match r {
