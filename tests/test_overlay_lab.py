@@ -22,9 +22,7 @@ def start_mesh(lab: Lab, *, password: str | None = None, extra: tuple[str, ...] 
     first = lab.hosts[0]
     quorum = ("--ipalloc-init", f"consensus={len(lab.hosts)}")
     routers = [LabRouter(first, [], password=password, extra=(*quorum, *extra))]
-    routers += [
-        LabRouter(host, [first.address], password=password, extra=(*quorum, *extra)) for host in lab.hosts[1:]
-    ]
+    routers += [LabRouter(host, [first.address], password=password, extra=(*quorum, *extra)) for host in lab.hosts[1:]]
     for router in routers:
         router.wait_ready()
     # Established means the datapaths' UDP heartbeats got through, both ways, on every link.
