@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 import trio
@@ -78,6 +79,17 @@ def resolve_peer_name(settings: Settings, store: Store) -> PeerName:
     name = PeerName.random()
     store.put_json("peer_name", str(name))
     return name
+
+
+def _in_use(containers: Containers) -> Callable[[], list[tuple[str, IPv4Interface]]]:
+    """What IPAM must claim back at start: addresses on the bridge (expose) and in the namespaces
+    we attached that still exist, so a router that lost its state never hands them out again."""
+
+    def scan() -> list[tuple[str, IPv4Interface]]:
+        attached = [(ident, cidr) for ident, cidrs in containers.live_addresses().items() for cidr in cidrs]
+        return bridge_addresses() + attached
+
+    return scan
 
 
 def setup_logging(level: str) -> None:
@@ -166,10 +178,11 @@ async def run_daemon(settings: Settings) -> None:
         overlays=(OVERLAY_NAME,) if settings.datapath else (),
     )
     mtu = overlay_mtu(settings.mtu, encrypted=mesh_key is not None)
-    node = Node(settings=settings, store=store, name=name, router=router)
+    containers = Containers(store=store, ipam=None, mtu=mtu)
+    node = Node(settings=settings, store=store, name=name, router=router, containers=containers)
     if settings.ipalloc_range is not None:
         # Before the router serves: the allocator registers its gossip channel.
-        node.ipam = Allocator.from_settings(router, store, settings, pre_claims=bridge_addresses)
+        node.ipam = Allocator.from_settings(router, store, settings, pre_claims=_in_use(containers))
     pid_path = write_pid_file(settings.state_dir)
     log.info(
         "weavenet %s starting: peer %s(%s), mesh port %d, encryption %s, state in %s",
@@ -193,8 +206,7 @@ async def run_daemon(settings: Settings) -> None:
                 await nursery.start(node.ipam.run)
             if settings.peers:
                 await router.connect([str(p) for p in settings.peers])
-            # After IPAM (if any) is on the node: attach/expose allocate through it.
-            node.containers = Containers(store=store, ipam=node.ipam, mtu=mtu)
+            containers.ipam = node.ipam  # attach/expose allocate through IPAM from now on
             if settings.http_addr is not None:
                 api = build_api(node)
                 if settings.http_addr.unix_path:
