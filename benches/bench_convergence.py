@@ -38,7 +38,7 @@ def converge(n: int, workdir: Path) -> None:
     async def main() -> None:
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                mesh = Mesh(nursery, state, None)  # type: ignore[arg-type]  # no log capture in benches
+                mesh = Mesh(nursery, state)
                 await mesh.start(0, timings=TIMINGS)
                 for i in range(1, n):
                     router = await mesh.start(i, timings=TIMINGS)

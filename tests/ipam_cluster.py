@@ -7,8 +7,6 @@ Used by tests/test_ipam_*.py. Everything runs in one trio run under the test's d
 from __future__ import annotations
 
 import logging
-import random
-import socket
 from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -17,9 +15,9 @@ from typing import Any
 import pytest
 import trio
 
+from tests.mesh_harness import Mesh
 from weavenet.config import IpallocInit
 from weavenet.ipam.allocator import Allocator, IpamTimings
-from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.router import MeshTimings, Router
 from weavenet.store import Store
 
@@ -28,34 +26,12 @@ FAST_IPAM = IpamTimings.fast()
 RANGE = IPv4Network("10.32.0.0/12")
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-class Cluster:
-    """Peers i = 0, 1, ... named 0e:00:00:00:00:0{i+1}, nicknamed host{i}."""
+class Cluster(Mesh):
+    """Peers i = 0, 1, ... named 0e:00:00:00:00:0{i+1}, nicknamed host{i}, each with an Allocator."""
 
     def __init__(self, nursery: trio.Nursery, tmp_path: Path) -> None:
-        self.nursery = nursery
-        self.tmp_path = tmp_path
-        self.prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        self.port = free_port(self.ip(0))
-        self.routers: dict[int, Router] = {}
+        super().__init__(nursery, tmp_path)
         self.allocators: dict[int, Allocator] = {}
-        self.scopes: dict[int, trio.CancelScope] = {}
-        self.stores: dict[int, Store] = {}
-
-    def ip(self, i: int) -> str:
-        return f"{self.prefix}.{11 + i}"
-
-    def addr(self, i: int) -> str:
-        return f"{self.ip(i)}:{self.port}"
-
-    @staticmethod
-    def name(i: int) -> PeerName:
-        return PeerName(0x0E0000000000 + i + 1)
 
     async def start(
         self,
@@ -104,10 +80,7 @@ class Cluster:
             await router.connect([self.addr(j) for j in connect])
         return allocator
 
-    def stop(self, i: int) -> None:
-        self.scopes.pop(i).cancel()
-
-    def __getitem__(self, i: int) -> Allocator:
+    def __getitem__(self, i: int) -> Allocator:  # type: ignore[override]
         return self.allocators[i]
 
     def connected(self, i: int, j: int) -> bool:

@@ -52,7 +52,7 @@ def free_port(host: str) -> int:
 class Mesh:
     """Routers on 127.<random>.<random>.{11,12,...} sharing one port, each stoppable on its own."""
 
-    def __init__(self, nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def __init__(self, nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture | None = None) -> None:
         self.nursery = nursery
         self.caplog = caplog
         self.tmp_path = tmp_path

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weavenet.api.client import ApiClient, ApiUnreachable
+from weavenet.api.client import ApiClient, ApiUnreachable, UnixHTTPConnection
 from weavenet.config import HttpAddress
 
 WEAVENET = str(Path(sys.executable).with_name("weavenet"))
@@ -49,32 +49,20 @@ class PluginReply:
         return json.loads(self.text)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 class PluginClient:
     """POST /<Interface>.<Method> with a JSON body on one keep-alive connection (not thread-safe)."""
 
     def __init__(self, path: Path | str, timeout: float = 5.0) -> None:
         self.path = str(path)
         self.timeout = timeout
-        self._conn: _UnixHTTPConnection | None = None
+        self._conn: UnixHTTPConnection | None = None
 
     def post(self, method: str, body: Any = None, *, raw: bytes | None = None) -> PluginReply:
         payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         headers = {"Accept": "application/vnd.docker.plugins.v1.2+json", "Content-Length": str(len(payload))}
         for attempt in (1, 2):
             if self._conn is None:
-                self._conn = _UnixHTTPConnection(self.path, self.timeout)
+                self._conn = UnixHTTPConnection(self.path, self.timeout)
             began = time.monotonic()
             try:
                 self._conn.request("POST", f"/{method}", body=payload, headers=headers)

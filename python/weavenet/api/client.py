@@ -32,7 +32,9 @@ class ApiResponse:
         return json.loads(self.body)
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (the API's socket mode, and Docker plugin sockets)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -51,7 +53,7 @@ class ApiClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.address.unix_path:
-            return _UnixConnection(self.address.unix_path, self.timeout)
+            return UnixHTTPConnection(self.address.unix_path, self.timeout)
         host = "127.0.0.1" if self.address.host in ("", "0.0.0.0") else self.address.host
         return http.client.HTTPConnection(host, self.address.port, timeout=self.timeout)
 

@@ -67,7 +67,8 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::
         events: libc::POLLIN,
         revents: 0,
     });
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // Round up: a timeout of 0.4 ms must sleep, not busy-loop until the deadline.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
     // SAFETY: `pfds` is a live array of N pollfd structs for the duration of the call.
     let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
     if r < 0 {
