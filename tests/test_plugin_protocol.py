@@ -75,6 +75,9 @@ class MemoryAllocator:
     def owned(self) -> dict[str, list[IPv4Interface]]:
         return {k: list(v) for k, v in self.held.items()}
 
+    def owned_by_containers(self) -> dict[str, list[IPv4Interface]]:
+        return {}  # the IPAM driver allocates as `_`, never as a container
+
 
 class Plugin:
     """A PluginService's two sockets, called in-process."""

@@ -81,6 +81,7 @@ class Demo:
             for i in range(1, hosts + 1)
         ]
         self.namespaces: list[str] = []
+        self.owner = os.getpid()
 
     # --- building ---
 
@@ -241,6 +242,8 @@ class Demo:
     # --- tearing down ---
 
     def teardown(self) -> None:
+        if os.getpid() != self.owner:
+            return  # a forked helper process: the demo belongs to its parent
         for host in self.hosts:
             if host.router is not None and host.router.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -277,7 +280,13 @@ class Demo:
 
 @contextlib.contextmanager
 def _terminate_on_sigterm() -> Iterator[None]:
+    owner = os.getpid()
+
     def raise_interrupt(signum: int, frame: object) -> None:
+        # pyroute2 forks helpers (IPRoute(netns=...)) and ends them with SIGTERM; they inherit this
+        # handler, and must die quietly instead of unwinding into our teardown.
+        if os.getpid() != owner:
+            os._exit(0)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)

@@ -429,6 +429,11 @@ class Allocator:
         """Every ident and the addresses it holds on this peer."""
         return {ident: list(h.addresses) for ident, h in sorted(self._owned.items())}
 
+    def owned_by_containers(self) -> dict[str, list[IPv4Interface]]:
+        """The idents allocated as containers (attach, `check-alive`) and their addresses: all that
+        a prune against Docker's containers may free (Weave Net's PruneOwned; CNI's are not)."""
+        return {ident: list(h.addresses) for ident, h in sorted(self._owned.items()) if h.is_container}
+
     async def prime(self, timeout: float | None = None) -> None:
         """Wait until the ring exists (starting consensus if needed): `GET /ring`."""
         op = _Op("prime", trio.current_time())

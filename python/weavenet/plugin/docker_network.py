@@ -1,4 +1,5 @@
-"""What the plugin asks Docker: create the `weave` network, list our networks and their containers.
+"""What the plugin asks Docker: create the `weave` network, list our networks and their containers,
+and take stock of every address Docker uses (for the prune at start).
 
 The `weave` network is created with an explicit subnet (without one, Docker discards a pool that
 overlaps a host route and asks again forever: Weave Net's `weave launch` hang) and multicast on.
@@ -9,10 +10,11 @@ serving first. Every call has a deadline (the DockerClient's).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from weavenet.plugin.docker_api import DockerClient, DockerError
@@ -111,3 +113,46 @@ async def endpoints_on(docker: DockerClient, network_ids: set[str]) -> list[Dock
                 )
             )
     return found
+
+
+@dataclass(frozen=True)
+class DockerInventory:
+    """What Docker holds, as far as addresses go: every container it knows (in any state), every
+    IPv4 address a container endpoint, a network gateway or an auxiliary address uses, and whether
+    it is a swarm node (then service VIPs hold addresses no container lists)."""
+
+    container_ids: frozenset[str]
+    addresses: frozenset[IPv4Address]
+    swarm: bool
+
+
+async def inventory(docker: DockerClient) -> DockerInventory:
+    """Take stock in three calls. Raises DockerError if Docker fails any, or answers in a shape we
+    do not know: a partial picture would make a prune free what is in use."""
+    containers = await docker.call("GET", "/containers/json", query={"all": "1"})
+    networks = await docker.call("GET", "/networks")
+    info = await docker.info()
+    if not isinstance(containers, list) or not isinstance(networks, list) or not isinstance(info, dict):
+        raise DockerError("Docker answered the container or network list in an unexpected shape")
+    ids: set[str] = set()
+    addresses: set[IPv4Address] = set()
+    try:
+        for container in containers:
+            ids.add(str(container["Id"]))
+            for settings in (((container.get("NetworkSettings") or {}).get("Networks")) or {}).values():
+                _add_address(addresses, settings.get("IPAddress"))
+        for network in networks:
+            for config in (network.get("IPAM") or {}).get("Config") or []:
+                _add_address(addresses, config.get("Gateway"))
+                for aux in (config.get("AuxiliaryAddresses") or {}).values():
+                    _add_address(addresses, aux)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DockerError(f"Docker answered the container or network list in an unexpected shape ({exc!r})") from None
+    state = str((info.get("Swarm") or {}).get("LocalNodeState") or "inactive")
+    return DockerInventory(frozenset(ids), frozenset(addresses), swarm=state != "inactive")
+
+
+def _add_address(addresses: set[IPv4Address], text: object) -> None:
+    if isinstance(text, str) and text:
+        with contextlib.suppress(ValueError):  # IPv6 or garbage: not an address weavenet IPAM hands out
+            addresses.add(IPv4Address(text.split("/", 1)[0]))

@@ -4,7 +4,9 @@ Pools are named as Weave Net named them, `weave-<subnet>-<range>`, and carry a f
 subnet's network address) so Docker asks for no gateway address; its release is ignored. Addresses
 come lowest-free-first from the allocator; a static `--ip` is a claim, refused if the address is in
 use. Docker gives no container id, so addresses are filed under their own text (Weave Net's `_`
-owner), which is also how a release finds them. Docker must never wait on us for more than a
+owner), which is also how a release finds them; the plugin's address book (plugin.state) records
+which of them Docker holds, so one whose release was lost can be freed at the next start
+(plugin.prune). Docker must never wait on us for more than a
 second: an IPAM call that cannot be served in time (no quorum yet, unreachable peers) answers
 `{"Err": ...}` naming the problem. A call cut short leaves nothing behind: the allocator records an
 address only in the step that returns it.
@@ -28,6 +30,7 @@ from weavenet.plugin.options import (
     object_field,
     string_field,
 )
+from weavenet.plugin.state import AddressBook
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ Body = dict[str, Any]
 
 
 class Allocator(Protocol):
-    """The part of `weavenet.ipam.allocator.Allocator` the driver uses."""
+    """The part of `weavenet.ipam.allocator.Allocator` the plugin uses (the driver and the prune)."""
 
     range: IPv4Network
     default_subnet: IPv4Network
@@ -69,6 +72,8 @@ class Allocator(Protocol):
     async def free(self, ident: str, address: IPv4Address | None = None) -> list[IPv4Interface]: ...
 
     def owned(self) -> dict[str, list[IPv4Interface]]: ...
+
+    def owned_by_containers(self) -> dict[str, list[IPv4Interface]]: ...
 
 
 def pool_id(subnet: IPv4Network, iprange: IPv4Network) -> str:
@@ -137,8 +142,9 @@ def host_overlap(subnet: IPv4Network) -> str | None:
 class IpamDriver:
     """IpamDriver handlers; `allocator()` returns the router's allocator (None when IPAM is off)."""
 
-    def __init__(self, allocator: Callable[[], Allocator | None]) -> None:
+    def __init__(self, allocator: Callable[[], Allocator | None], book: AddressBook | None = None) -> None:
         self._allocator = allocator
+        self.book = book if book is not None else AddressBook()
 
     def handlers(self) -> dict[str, Callable[[Body], Any]]:
         return {
@@ -218,6 +224,7 @@ class IpamDriver:
                 f"allocate in {iprange}", lambda timeout: ipam.allocate(ANONYMOUS, iprange, timeout=timeout)
             )
             cidr = IPv4Interface(f"{got.ip}/{subnet.prefixlen}")
+        self.book.add(str(cidr.ip))
         log.debug("IPAM: %s to Docker", cidr)
         return {"Address": str(cidr), "Data": {}}
 
@@ -230,6 +237,7 @@ class IpamDriver:
             released = await self.ipam().free(ANONYMOUS, address)
         except IpamError as exc:
             raise DriverError(f"weavenet IPAM: {exc}") from None
+        self.book.discard(str(address))
         if not released:
             # Nothing filed under its own text: Docker did not get it from us (or an older router
             # reclaimed it under a container id). Weave Net answered 500; Docker only logs it.

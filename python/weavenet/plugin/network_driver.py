@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Interface
 from typing import Any, Literal
 
 import trio
@@ -30,7 +31,7 @@ from weavenet.plugin.options import (
     object_field,
     string_field,
 )
-from weavenet.plugin.state import NetworkRecord, NetworkTable
+from weavenet.plugin.state import AddressBook, NetworkRecord, NetworkTable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class NetworkDriver:
         bridge: str = BRIDGE_NAME,
         on_peer: PeerCallback | None = None,
         on_network: Callable[[], None] | None = None,
+        book: AddressBook | None = None,
     ) -> None:
         self.name = name
         self.scope = scope
@@ -65,6 +67,7 @@ class NetworkDriver:
         self.bridge = bridge
         self.on_peer = on_peer
         self.on_network = on_network
+        self.book = book  # told which addresses Docker plugs in, so none of them is pruned
         self.discovered: set[str] = set()
 
     def handlers(self) -> dict[str, Handler]:
@@ -174,6 +177,8 @@ class NetworkDriver:
             raise DriverError(
                 f"invalid MacAddress {requested_mac!r}: expected six hex octets such as 02:42:0a:20:00:09"
             )
+        if self.book is not None and (address := _interface_address(string_field(interface, "Address"))):
+            self.book.mention(address)  # in use by Docker, whatever becomes of this call
         await self._network(network_id)
         try:
             mac = await trio.to_thread.run_sync(
@@ -275,3 +280,11 @@ class NetworkDriver:
         # Docker 28 asks only if GetCapabilities says GwAllocChecker (we do not): reserve as usual.
         object_field(body, "Options")
         return {"SkipIPv4": False, "SkipIPv6": False}
+
+
+def _interface_address(text: str) -> str | None:
+    """The IPv4 address of CreateEndpoint's `Interface.Address` ("10.32.0.2/12"), or None."""
+    try:
+        return str(IPv4Interface(text).ip) if text else None
+    except ValueError:
+        return None

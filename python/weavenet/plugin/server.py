@@ -8,7 +8,9 @@ Every call is `POST /<Interface>.<Method>` with a JSON body. Replies: 200 with a
 cannot be done; 404 for a method we do not know. Calls run concurrently and answer in milliseconds.
 A socket another live process is serving is never taken over; a stale one is replaced, and ours are
 removed on exit. Docker caches activation for its lifetime, so after a restart we must answer at
-once, from what the store and the kernel still hold, without any Activate or CreateNetwork.
+once, from what the store and the kernel still hold, without any Activate or CreateNetwork. Once
+Docker answers after a start, running containers' addresses are reclaimed and those of containers
+that ended while we were down are freed (plugin.prune).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from weavenet.api.server import Request, Response, Router, serve_unix
 from weavenet.ipam.errors import IpamError
 from weavenet.net import bridge, firewall
 from weavenet.net.mtu import overlay_mtu
-from weavenet.plugin import docker_network
+from weavenet.plugin import docker_network, prune
 from weavenet.plugin.docker_api import DockerClient, DockerError
 from weavenet.plugin.endpoints import bridge_present
 from weavenet.plugin.ipam_driver import ANONYMOUS, Allocator, IpamDriver
 from weavenet.plugin.network_driver import NetworkDriver, PeerCallback
 from weavenet.plugin.options import BadRequest, DriverError, body_object
-from weavenet.plugin.state import NetworkTable
+from weavenet.plugin.state import AddressBook, NetworkTable
 
 if TYPE_CHECKING:
     from weavenet.config import Settings
@@ -135,6 +137,9 @@ class PluginService:
         self.docker = docker or (DockerClient(settings.docker_api) if settings.docker_api else None)
         self.networks = NetworkTable(store)
         self.networks.load()
+        self.book = AddressBook(store).load()
+        self.prune_settle = prune.SETTLE
+        self.pruned = {"Containers": 0, "Addresses": 0}
         self.calls: dict[str, CallStats] = {}
         self.names: dict[str, str] = {}  # network id → Docker name, refreshed from Docker
         self.names_stale = trio.Event()
@@ -143,9 +148,14 @@ class PluginService:
         self.drivers: list[NetworkDriver] = []
         if settings.plugin_mesh_name:
             mesh = NetworkDriver(
-                settings.plugin_mesh_name, "local", self.networks, docker=self.docker, on_network=self._network_changed
+                settings.plugin_mesh_name,
+                "local",
+                self.networks,
+                docker=self.docker,
+                on_network=self._network_changed,
+                book=self.book,
             )
-            ipam = IpamDriver(allocator)
+            ipam = IpamDriver(allocator, self.book)
             self.drivers.append(mesh)
             self.sockets.append(self._socket(mesh, ipam))
         if settings.plugin_name:
@@ -235,7 +245,7 @@ class PluginService:
             task_status.started()
             if self.docker is not None:
                 nursery.start_soon(self._maintain_weave_network)
-                nursery.start_soon(self._reclaim)
+                nursery.start_soon(self._tidy_after_start, trio.current_time())
                 nursery.start_soon(self._refresh_names)
             elif self.settings.plugin_network:
                 self.weave_network.state, self.weave_network.error = "disabled", "no Docker API (--docker-api)"
@@ -328,42 +338,66 @@ class PluginService:
 
     # --- after a restart: reclaim, names ---
 
-    async def _reclaim(self) -> None:
+    async def _tidy_after_start(self, serving_since: float) -> None:
+        """Once IPAM and Docker are there: reclaim running containers' addresses, then free those
+        of containers that ended while we were down (plugin.prune); nothing if Docker never answers."""
+        assert self.docker is not None
+        with trio.move_on_after(120):
+            while self.allocator() is None:
+                await trio.sleep(0.5)
+        allocator = self.allocator()
+        if allocator is None:
+            return
+        delay = 1.0
+        while True:
+            try:
+                stock = await docker_network.inventory(self.docker)
+                break
+            except DockerError as exc:
+                if exc.status != 0:
+                    log.warning("plugin: cannot list Docker's containers; not reclaiming or pruning: %s", exc)
+                    return
+                if delay == 1.0:
+                    log.info("plugin: Docker is not answering yet; will reclaim addresses when it does")
+            await trio.sleep(delay)  # Docker not up yet (the router may start first at boot)
+            delay = min(delay * 2, RETRY_MAX)
+        if self.settings.plugin_mesh_name:
+            await self._reclaim(allocator)
+        self.pruned["Containers"] += len(await prune.prune_gone_containers(allocator, stock))
+        if not self.settings.plugin_mesh_name:
+            return
+        await trio.sleep_until(serving_since + self.prune_settle)
+        try:
+            stock = await docker_network.inventory(self.docker)
+        except DockerError as exc:
+            log.warning("plugin: cannot list Docker's containers; not pruning IPAM addresses: %s", exc)
+            return
+        self.pruned["Addresses"] += len(await prune.prune_lost_releases(allocator, self.book, stock))
+
+    async def _reclaim(self, allocator: Allocator) -> None:
         """Claim in IPAM the addresses of running containers on our networks that IPAM does not know.
 
         After a restart with the store intact this finds nothing to do; after a lost store it stops
         a new container from getting a running container's address.
         """
         assert self.docker is not None
-        with trio.move_on_after(120):
-            while self.allocator() is None:
-                await trio.sleep(0.5)
-        allocator = self.allocator()
-        if allocator is None or not self.settings.plugin_mesh_name:
+        try:
+            ours = await docker_network.our_networks(self.docker, [self.settings.plugin_mesh_name])
+            found = await docker_network.endpoints_on(self.docker, {n.network_id for n in ours})
+        except DockerError as exc:
+            log.warning("plugin: cannot list containers to reclaim their addresses: %s", exc)
             return
-        delay = 1.0
-        while True:
-            try:
-                ours = await docker_network.our_networks(self.docker, [self.settings.plugin_mesh_name])
-                found = await docker_network.endpoints_on(self.docker, {n.network_id for n in ours})
-                break
-            except DockerError as exc:
-                if exc.status != 0:
-                    log.warning("plugin: cannot list containers to reclaim their addresses: %s", exc)
-                    return
-                if delay == 1.0:
-                    log.info("plugin: Docker is not answering yet; will reclaim addresses when it does")
-            await trio.sleep(delay)  # Docker not up yet (the router may start first at boot)
-            delay = min(delay * 2, RETRY_MAX)
         known = {c.ip for cidrs in allocator.owned().values() for c in cidrs}
         for endpoint in found:
-            if endpoint.address is None or endpoint.address.ip in known:
+            if endpoint.address is None:
                 continue
-            if endpoint.address.ip not in allocator.range:
+            self.book.mention(str(endpoint.address.ip))  # in use: never a leftover
+            if endpoint.address.ip in known or endpoint.address.ip not in allocator.range:
                 continue
             try:
                 # filed under its own text, as the IPAM driver files what Docker got from us
                 await allocator.claim(ANONYMOUS, endpoint.address, no_error_on_unknown=True)
+                self.book.add(str(endpoint.address.ip))
                 log.info("plugin: reclaimed %s for container %s", endpoint.address, endpoint.container_id[:12])
             except IpamError as exc:
                 log.warning("plugin: cannot reclaim %s for %s: %s", endpoint.address, endpoint.container_id[:12], exc)
@@ -404,6 +438,7 @@ class PluginService:
                 for r in sorted(self.networks.networks.values(), key=lambda r: (r.driver, r.network_id))
             ],
             "Calls": {method: stats.to_json() for method, stats in sorted(self.calls.items()) if stats.count},
+            "Pruned": dict(self.pruned),
         }
 
     async def ps(self) -> list[dict[str, Any]]:

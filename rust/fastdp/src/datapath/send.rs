@@ -315,7 +315,11 @@ impl SendThread {
                     return;
                 }
                 Err(_) => {
+                    // The TAP is gone or broken (deleted under us): poll keeps reporting it, so
+                    // back off instead of spinning, and count it for the router to see.
+                    self.shared.stats.drop(Drop::TapError, 1);
                     self.read_buf = buf;
+                    std::thread::sleep(Duration::from_millis(20));
                     return;
                 }
             }

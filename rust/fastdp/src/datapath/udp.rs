@@ -168,7 +168,7 @@ impl Udp {
                 libc::IP_PMTUDISC_PROBE,
             )?;
         }
-        let gro = std::env::var_os("WEAVENET_DP_NO_GRO").is_none() && setsockopt_int(s, SOL_UDP, UDP_GRO, 1).is_ok();
+        let gro = setsockopt_int(s, SOL_UDP, UDP_GRO, 1).is_ok();
         let addr = SockAddr::new(SocketAddr::new(bind, port), v6);
         // SAFETY: `addr.storage` holds a sockaddr of `addr.len` bytes.
         cvt(unsafe {
