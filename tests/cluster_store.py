@@ -5,7 +5,8 @@ store in 23.0. Topology (all inside namespaces named `<tag>-kv|a|b`, `<tag>` = `
 
     <tag>-kv   bridge ulbr 192.168.252.254/24, etcd :2379 (v2 API)
     <tag>-a    ul0 192.168.252.1/24; own mount, uts and pid namespaces with a private /run and
-    <tag>-b    /etc/docker (.2): weavenet router (plugin sockets in that /run/docker/plugins), then
+    <tag>-b    /etc/docker (.2): weavenet router (plugin sockets in that /run/docker/plugins; its
+               Rust datapath on by default: bridge weave, TAP weave-dp, UDP 6783 over ul0), then
                dockerd --cluster-store etcd://192.168.252.254:2379/<tag> on its own root and socket
 
 Nothing touches the machine's own dockerd, /run/docker/plugins or network namespace: each host's

@@ -8,14 +8,19 @@ the test (`wnt<6 hex>`). Everything it makes is removed again in `close()`, in t
 needs: containers, then networks (the plugin must still answer), then the router, then the spec
 files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
 FORWARD chain) if it did not exist before. `sweep_docker()` does the same for runs that died.
+`RootLink` joins that router's namespace (the machine's own) to a lab host for cross-host tests.
+Only one router may run in the machine's namespace at a time: `RootNamespaceLock` serialises them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
+import ipaddress
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.lab import Host
 from weavenet.api.client import ApiClient, ApiUnreachable, UnixHTTPConnection
 from weavenet.config import HttpAddress
 
@@ -36,6 +42,54 @@ SPEC_DIR = Path("/etc/docker/plugins")
 PREFIX = "wnt"  # every Docker object and spec file a plugin test makes starts with this
 BUSYBOX = Path("/bin/busybox")
 DOCKER = shutil.which("docker") or "docker"
+# A router in the machine's namespace owns the bridge `weave` and the TAP `weave-dp` there; a second
+# one would take them over (it removes a `weave-dp` it did not make as stale). Every test that runs
+# a router in that namespace (DockerRouter, the V2 plugin's tests) holds this lock meanwhile.
+ROOT_NAMESPACE_LOCK = Path("/run/weavenet-lab/root-namespace.lock")
+
+
+class RootNamespaceLock:
+    """An exclusive flock on ROOT_NAMESPACE_LOCK; waits (up to `timeout`) for a parallel run."""
+
+    def __init__(self, timeout: float = 1200.0) -> None:
+        self.timeout = timeout
+        self._file: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        if self._file is not None:
+            return
+        ROOT_NAMESPACE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(ROOT_NAMESPACE_LOCK, "a")  # noqa: SIM115 (held until release)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise AssertionError(
+                        f"another test has run a router in the machine's namespace for {self.timeout:g}s "
+                        f"(lock {ROOT_NAMESPACE_LOCK})"
+                    ) from None
+                time.sleep(0.5)
+        self._file = lock
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+    def __enter__(self) -> RootNamespaceLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -176,6 +230,10 @@ class HostSnapshot:
         )
 
     def restore(self) -> None:
+        with RootNamespaceLock():  # never pull the bridge from under another run's router
+            self._restore()
+
+    def _restore(self) -> None:
         if not self.spec_dir and SPEC_DIR.exists() and not any(SPEC_DIR.iterdir()):
             SPEC_DIR.rmdir()
         if not self.gwbridge and _docker_network_exists("docker_gwbridge"):
@@ -218,6 +276,7 @@ class DockerRouter:
         self.extra = extra
         self.client = ApiClient(HttpAddress(unix_path=str(self.api_socket)), timeout=5.0)
         self.process: subprocess.Popen[bytes] | None = None
+        self.lock = RootNamespaceLock()  # from the first start to close()
         self.starts = 0
         self.spec_files = [SPEC_DIR / f"{name}.spec" for name in (self.mesh, self.glob)]
 
@@ -253,6 +312,7 @@ class DockerRouter:
         ]
 
     def start(self, *, wait_network: bool = True) -> DockerRouter:
+        self.lock.acquire()
         SPEC_DIR.mkdir(parents=True, exist_ok=True)
         for spec in self.spec_files:
             spec.write_text(f"unix://{self.plugin_dir / spec.with_suffix('.sock').name}\n")
@@ -316,11 +376,14 @@ class DockerRouter:
 
     def close(self) -> None:
         """Remove what the test made in Docker (while the plugin still answers), then stop."""
-        with contextlib.suppress(Exception):
-            remove_docker_objects(self.tag)
-        self.stop()
-        for spec in self.spec_files:
-            spec.unlink(missing_ok=True)
+        try:
+            with contextlib.suppress(Exception):
+                remove_docker_objects(self.tag)
+            self.stop()
+            for spec in self.spec_files:
+                spec.unlink(missing_ok=True)
+        finally:
+            self.lock.release()
 
 
 def remove_docker_objects(tag: str) -> None:
@@ -349,7 +412,7 @@ def sweep_docker() -> list[str]:
     live = {p.stem[: len(PREFIX) + 6] for p in SPEC_DIR.glob(f"{PREFIX}*.spec") if _spec_alive(p)}
     dead = sorted(leftovers - live)
     for tag in dead:
-        with _stand_in(tag):
+        with stand_in(tag):
             remove_docker_objects(tag)
     for spec in SPEC_DIR.glob(f"{PREFIX}*.spec"):
         if spec.stem[: len(PREFIX) + 6] not in live:
@@ -363,8 +426,9 @@ def _spec_alive(spec: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _stand_in(tag: str) -> Iterator[None]:
-    """A throwaway plugin answering `{}` to everything under the dead run's driver names.
+def stand_in(tag: str) -> Iterator[None]:
+    """A throwaway plugin answering `{}` to everything under a dead run's driver names (or a
+    router's that a test killed: Docker's calls then reach it, never the router's IPAM).
 
     Docker caches a legacy plugin's address at activation, so the stand-in listens where the dead
     run's spec file pointed (a new place only if the spec is gone: then Docker has not cached it).
@@ -410,3 +474,99 @@ def _stand_in(tag: str) -> Iterator[None]:
             spec.unlink(missing_ok=True)
             sock.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- an underlay link between the machine's namespace and a lab host ---
+
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+# never used: the zeroconf edges of the range and the cloud metadata /24 (169.254.169.254)
+AVOID = tuple(ipaddress.IPv4Network(n) for n in ("169.254.0.0/24", "169.254.169.0/24", "169.254.255.0/24"))
+CUT_TABLE = "wntcut"  # nft table (inet) in the lab host while the link is cut
+
+
+def _root_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 address (as its subnet) and route of the machine's namespace, all tables."""
+    found = []
+    for argv in (["ip", "-4", "-o", "addr", "show"], ["ip", "-4", "route", "show", "table", "all"]):
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        for word in out.split():
+            with contextlib.suppress(ValueError):
+                if word[0].isdigit():
+                    found.append(ipaddress.IPv4Network(word, strict=False))
+    return found
+
+
+def free_link_local_pair() -> ipaddress.IPv4Network:
+    """A /30 of 169.254.0.0/16 that no address or route of the machine overlaps."""
+    taken = [net for net in _root_networks() if net.prefixlen > 0] + list(AVOID)
+    candidates = list(LINK_LOCAL.subnets(new_prefix=30))
+    random.shuffle(candidates)
+    for candidate in candidates:
+        if not any(candidate.overlaps(net) for net in taken):
+            return candidate
+    raise AssertionError("no free /30 left in 169.254.0.0/16 on this machine")
+
+
+class RootLink:
+    """A veth pair from the machine's namespace (dockerd and its router) to a lab host, with a
+    link-local /30: the underlay for a Docker host meshed with a lab host.
+
+    It adds one interface, `<tag>ul`, with one address (and its /30 route) to the machine, and
+    touches nothing else there; close() removes it (so does removing the lab host, which takes
+    the pair with it, so an aborted run's lab sweep cleans it up too). cut()/heal() drop and
+    restore everything on the link with an nft table inside the lab host: silent loss, as a real
+    partition, with nothing changed on the machine's side (a link down would take the machine's
+    route away and tell both ends at once).
+    """
+
+    def __init__(self, host: Host, tag: str) -> None:
+        self.host = host
+        self.root_ifname = f"{tag}ul"
+        self.host_ifname = "ulroot"
+        self.subnet = ipaddress.IPv4Network("169.254.0.0/30")
+        self.root_address = ""
+        self.host_address = ""
+
+    def __enter__(self) -> RootLink:
+        try:
+            return self.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> RootLink:
+        self.subnet = free_link_local_pair()
+        root, lab = list(self.subnet.hosts())
+        self.root_address, self.host_address = str(root), str(lab)
+        subprocess.run(
+            ["ip", "link", "add", self.root_ifname, "type", "veth", "peer", "name", self.host_ifname,
+             "netns", self.host.name],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        quiet = Path(f"/proc/sys/net/ipv6/conf/{self.root_ifname}/disable_ipv6")
+        if quiet.exists():
+            quiet.write_text("1\n")  # no router solicitations from the machine on this link
+        subprocess.run(["ip", "addr", "add", f"{root}/30", "dev", self.root_ifname], check=True)
+        subprocess.run(["ip", "link", "set", self.root_ifname, "up"], check=True)
+        self.host.add_address(self.host_ifname, f"{lab}/30")
+        self.host.set_link(self.host_ifname, up=True)
+        return self
+
+    def close(self) -> None:
+        if _link_exists(self.root_ifname):
+            subprocess.run(["ip", "link", "del", self.root_ifname], capture_output=True)
+
+    def cut(self) -> None:
+        rules = (
+            f"table inet {CUT_TABLE} {{\n"
+            f"  chain in {{ type filter hook input priority -300; iifname {self.host_ifname} drop; }}\n"
+            f"  chain out {{ type filter hook output priority -300; oifname {self.host_ifname} drop; }}\n"
+            "}\n"
+        )
+        self.host.run(["nft", "-f", "-"], input=rules)
+
+    def heal(self) -> None:
+        self.host.run(["nft", "delete", "table", "inet", CUT_TABLE], check=False)

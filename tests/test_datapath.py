@@ -284,10 +284,9 @@ def test_tcp_throughput_without_underlay_fragments(lab: Lab, closing: list[Datap
     print(f"\n{'encrypted' if encrypted else 'plain'}: {result.describe()}; sender stats {stats}")
 
 
-@pytest.mark.lab(hosts=3)
-def test_relay_and_flooding_across_three_hosts(lab: Lab, closing: list[Datapath]) -> None:
-    """A and C cannot reach each other on the underlay; their frames (ARP broadcasts included)
-    travel via B, which relays without delivering them locally except for broadcasts."""
+def build_line(lab: Lab, closing: list[Datapath], *, container_mtu: int | None = None) -> dict[str, Node]:
+    """Three hosts A - B - C, encrypted, where A and C cannot reach each other on the underlay:
+    routes send everything between them through B (as the router's routes would)."""
     a, b, c = lab.hosts
     lab.cut(a, c)
     mtu = datapath_overlay_mtu(lab.mtu, True)
@@ -299,7 +298,7 @@ def test_relay_and_flooding_across_three_hosts(lab: Lab, closing: list[Datapath]
         closing.append(datapath)
         host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
         container = host.add_container("c")
-        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=mtu)
+        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=container_mtu or mtu)
         container.add_address("ethwe0", f"{overlay_ip(host)}/24")
         nodes[host.label] = Node(host, datapath, container)
     da, db, dc = (nodes[h.label].datapath for h in (a, b, c))
@@ -311,6 +310,17 @@ def test_relay_and_flooding_across_three_hosts(lab: Lab, closing: list[Datapath]
     da.set_routes({ib: ib, ic: ib}, [ib])
     db.set_routes({ia: ia, ic: ic}, [ia, ic], {ia: [ic], ic: [ia]})
     dc.set_routes({ia: ib, ib: ib}, [ib])
+    return nodes
+
+
+@pytest.mark.lab(hosts=3)
+def test_relay_and_flooding_across_three_hosts(lab: Lab, closing: list[Datapath]) -> None:
+    """A and C cannot reach each other on the underlay; their frames (ARP broadcasts included)
+    travel via B, which relays without delivering them locally except for broadcasts."""
+    nodes = build_line(lab, closing)
+    a, b, c = lab.hosts
+    db, dc = nodes[b.label].datapath, nodes[c.label].datapath
+    ia = peer_id(a)
 
     nodes[a.label].container.wait_reachable(overlay_ip(c), timeout=20)
     nodes[c.label].container.wait_reachable(overlay_ip(b), timeout=20)
@@ -519,4 +529,54 @@ def test_liveness_follows_the_underlay(lab: Lab, closing: list[Datapath]) -> Non
     lab.heal(a.host, b.host)
     seen.clear()
     wait_until(saw(("peer_up", peer_id(b.host))), timeout=10, message="B to be reported up again")
+    a.container.wait_reachable(overlay_ip(b.host), timeout=10)
+
+
+@pytest.mark.lab(hosts=3)
+def test_relay_with_a_narrower_next_leg_answers_too_big(lab: Lab, closing: list[Datapath]) -> None:
+    """B -> C carries less than A -> B (C's underlay link has a smaller MTU). B's path-MTU
+    discovery finds it, and a DF packet from A's container that fits A -> B but not B -> C gets
+    the ICMP answer from B, through the overlay, as from a router on the path."""
+    a, b, c = lab.hosts
+    c.set_link(c.interface, mtu=1300)
+    nodes = build_line(lab, closing, container_mtu=1500)
+    db = nodes[b.label].datapath
+    wide = datapath_overlay_mtu(lab.mtu, True)
+    found: list[int] = []
+
+    def discovered() -> bool:
+        found.extend(e[2] for e in db.drain_events() if e[0] == "pmtu" and e[1] == peer_id(c))
+        return bool(found) and found[-1] < wide
+
+    wait_until(discovered, timeout=30, message="B to discover the narrower path towards C")
+    narrow = found[-1]
+    # About what a 1300-byte underlay carries (veth accepts a few bytes of VLAN slack on top).
+    assert datapath_overlay_mtu(1300, True) <= narrow <= datapath_overlay_mtu(1310, True)
+    nodes[a.label].container.wait_reachable(overlay_ip(c), timeout=20)
+    result = nodes[a.label].container.run(
+        ["ping", "-n", "-c", "1", "-W", "2", "-M", "do", "-s", "1300", overlay_ip(c)], check=False
+    )
+    assert f"mtu = {narrow}" in result.stdout, result.stdout + result.stderr
+    assert db.stats()["icmp_sent"] >= 1
+    # A still learns C's container MAC behind C (the answer came "from" C), so traffic goes on.
+    assert nodes[a.label].container.ping(overlay_ip(c), count=2)
+
+
+def test_endpoint_follows_authenticated_datagrams(lab: Lab, closing: list[Datapath]) -> None:
+    """A was told a wrong port for B (as behind a NAT that rebinds): B's authenticated datagrams
+    arriving from its real address move A's endpoint for B there, and A reports it."""
+    keys = handshake()
+    nodes = build(lab, keys)
+    closing += [n.datapath for n in nodes]
+    a, b = nodes
+    a.datapath.set_peer(peer_id(b.host), b.host.address, PORT + 1, keys[0])  # nobody listens there
+    real = f"{b.host.address}:{PORT}"
+    seen: list[tuple] = []
+
+    def moved() -> bool:
+        seen.extend(a.datapath.drain_events())
+        return ("peer_endpoint", peer_id(b.host), real) in seen
+
+    wait_until(moved, timeout=10, message="A to follow B to its real address")
+    assert a.datapath.stats()["peers"][peer_id(b.host)]["addr"] == real
     a.container.wait_reachable(overlay_ip(b.host), timeout=10)

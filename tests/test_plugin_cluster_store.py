@@ -4,11 +4,10 @@ Each "host" is its own set of namespaces with its own dockerd and weavenet route
 cluster_store.py); the machine's daemon is never touched. A network created on one host is seen on
 the other (the store), addresses come from Docker's global IPAM, the host that did not create the
 network gets CreateEndpoint with no CreateNetwork first, and Docker's node discovery introduces the
-two routers to each other (no peers given at launch).
-
-Cross-host pings through the mesh need the Rust datapath (issue 5): until the router carries frames
-between hosts, that test skips, naming what it waits for. The plugin's own part is proved
-meanwhile with a kernel VXLAN joining the two weave bridges in the datapath's place.
+two routers to each other (no peers given at launch). Containers on the two hosts then ping each
+other through the routers' Rust datapaths (TAP `weave-dp` on each weave bridge, UDP on the mesh
+port), and only through them: cut the mesh port between the hosts and the ping fails; heal it and
+the ping returns.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import pytest
 from tests.cluster_store import ETCD, ClusterStoreLab, StoreHost, dockerd_version, sweep_cluster_store_labs
 from tests.plugin_helpers import wait_for
 from tests.prereq import missing
-from weavenet import _fastdp
 
 pytestmark = [pytest.mark.lab]
 
@@ -129,43 +127,42 @@ def test_global_network_across_two_daemons_with_a_cluster_store(store_lab: Clust
     assert not [n for n in a.report()["Plugin"]["Networks"] if n["Driver"] == "weave"]
 
 
-def test_global_network_containers_ping_across_hosts_with_the_bridges_joined(store_lab: ClusterStoreLab):
-    """The plugin's whole part across hosts, with a kernel VXLAN standing in for the datapath."""
-    a, b = store_lab.hosts
-    for host, peer in ((a, b), (b, a)):
-        host.inside("ip", "link", "add", "wcsvx0", "type", "vxlan", "id", "4242", "local", host.address,
-                    "dstport", "4789", "dev", "ul0")  # fmt: skip
-        host.inside("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "wcsvx0", "dst", peer.address)
-        host.inside("ip", "link", "set", "wcsvx0", "master", "weave", "up")
-    ca, ca_ip, cb, cb_ip = start_global_network(store_lab)
-    assert pings(a, ca, cb_ip.split("/")[0]) and pings(b, cb, ca_ip.split("/")[0])
-    assert pings(b, cb, ca)  # by name: Docker's embedded DNS, fed from the store
-    a.docker("rm", "-f", ca)
-    b.docker("rm", "-f", cb)
-    a.docker("network", "rm", "gnet")
-
-
-def datapath_attached(host: StoreHost) -> bool:
-    """Does the router carry frames between hosts: is its datapath's TAP a port of the weave bridge?"""
-    return " tun " in host.inside("ip", "-d", "-o", "link", "show", "master", "weave", check=False).stdout
+def datapath_links(host: StoreHost) -> list[str]:
+    """The router's connections that run over the Rust datapath (`fastdp`), by peer nickname."""
+    connections = host.report()["Router"]["Connections"]
+    return [c["Info"] for c in connections if (c.get("Attrs") or {}).get("name") == "fastdp"]
 
 
 def test_global_network_containers_ping_across_hosts_through_the_mesh(store_lab: ClusterStoreLab):
-    """Through weavenet itself: the ping works, fails while the mesh link is cut, returns when healed."""
+    """Through weavenet itself: the ping works both ways and by name, fails while the mesh port is
+    cut between the hosts, and returns when it is healed."""
     a, b = store_lab.hosts
-    if not (hasattr(_fastdp, "Datapath") and datapath_attached(a) and datapath_attached(b)):
-        pytest.skip("needs the Rust datapath on the weave bridge (issue 5): the router does not carry frames yet")
+    for host in (a, b):  # each host's router runs the datapath: its TAP is a port of the weave bridge
+        tap = host.inside("ip", "-d", "-o", "link", "show", "weave-dp").stdout
+        assert " tun " in tap and "master weave" in tap, tap
     ca, ca_ip, cb, cb_ip = start_global_network(store_lab)
     wait_for(lambda: established(a) == {f"{store_lab.tag}-b"}, timeout=20, what="the mesh between a and b")
+    assert len(datapath_links(a)) == 1 and len(datapath_links(b)) == 1
+    began = time.monotonic()
     wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=20, what="a's container to reach b's")
+    print(f"first cross-host ping through the mesh: {time.monotonic() - began:.2f}s")
     assert pings(b, cb, ca_ip.split("/")[0])
-    # cut the underlay between the routers (only the mesh port: etcd must stay reachable)
+    assert pings(b, cb, ca)  # by name: Docker's embedded DNS, fed from the store
+
+    # cut the mesh port (TCP control and UDP data) between the hosts; etcd stays reachable
+    rules = [["INPUT", "-p", proto, "--dport", "6783", "-j", "DROP"] for proto in ("udp", "tcp")]
     for host in (a, b):
-        host.inside("iptables", "-I", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP")
-        host.inside("iptables", "-I", "INPUT", "-p", "tcp", "--dport", "6783", "-j", "DROP")
+        for rule in rules:
+            host.inside("iptables", "-I", *rule)
+    began = time.monotonic()
     wait_for(lambda: not pings(a, ca, cb_ip.split("/")[0]), timeout=30, what="the ping to fail with the mesh cut")
+    assert not pings(b, cb, ca_ip.split("/")[0])
     for host in (a, b):
-        host.inside("iptables", "-D", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP")
-        host.inside("iptables", "-D", "INPUT", "-p", "tcp", "--dport", "6783", "-j", "DROP")
+        for rule in rules:
+            host.inside("iptables", "-D", *rule)
     wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=60, what="the ping to return after healing")
+    print(f"cut, then healed and pinging again: {time.monotonic() - began:.2f}s")
     assert pings(b, cb, ca_ip.split("/")[0])
+    a.docker("rm", "-f", ca)
+    b.docker("rm", "-f", cb)
+    a.docker("network", "rm", "gnet")

@@ -1,8 +1,9 @@
-"""Freeing the addresses of containers that ended while the router was down, and nothing else.
+"""Freeing the addresses of containers that ended, whether the router was down or not, and nothing else.
 
-No host, no Docker: a stand-in for Docker's API answers the three listings, an in-memory allocator
-stands in for IPAM, and the plugin service's start-up pass (reclaim, then prune) runs on trio's
-mock clock. The same scenario under the real dockerd: test_plugin_docker.py.
+No host, no Docker: a stand-in for Docker's API answers the listings and streams events, an
+in-memory allocator stands in for IPAM, and the plugin service's start-up pass (reclaim, then
+prune) and its event watcher run on trio's mock clock. The Docker client's stream reader is
+checked against a socket that speaks as dockerd does. Under the real dockerd: test_plugin_docker.py.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import trio
 import trio.testing
 
 from weavenet.config import Settings
-from weavenet.plugin import prune
-from weavenet.plugin.docker_api import DockerError
+from weavenet.plugin import prune, watcher
+from weavenet.plugin.docker_api import DockerClient, DockerError
 from weavenet.plugin.docker_network import DockerInventory, inventory
 from weavenet.plugin.options import DriverError
 from weavenet.plugin.server import PluginService
@@ -79,7 +80,6 @@ class FakeDocker:
     def __init__(self, containers: list[dict[str, Any]], networks: list[dict[str, Any]], **options: Any) -> None:
         self.containers = containers
         self.networks = networks
-        self.swarm = options.get("swarm", "inactive")
         self.fail: int | None = options.get("fail")
         self.calls = 0
 
@@ -94,11 +94,6 @@ class FakeDocker:
             return [n for n in self.networks if drivers is None or n["Driver"] in drivers]
         raise AssertionError(f"unexpected call {method} {path}")
 
-    async def info(self) -> dict[str, Any]:
-        if self.fail is not None:
-            raise DockerError("GET /info: failed", self.fail)
-        return {"Swarm": {"LocalNodeState": self.swarm}}
-
     async def list_containers(self) -> list[dict[str, Any]]:
         return await self.call("GET", "/containers/json")
 
@@ -111,13 +106,29 @@ def container(cid: str, address: str = "", *, running: bool = True, network: str
     return {"Id": cid, "Running": running, "NetworkSettings": {"Networks": networks if address else {}}}
 
 
-def network(gateway: str = "", aux: dict[str, str] | None = None, driver: str = "weavemesh") -> dict[str, Any]:
-    config = {"Subnet": "10.32.0.0/12", "Gateway": gateway, "AuxiliaryAddresses": aux or {}}
-    return {"Id": NET, "Name": "weave", "Driver": driver, "IPAM": {"Config": [config]}}
+def network(
+    gateway: str = "", aux: dict[str, str] | None = None, *, driver: str = "weavemesh", subnet: str = "10.32.0.0/12"
+) -> dict[str, Any]:
+    config = {"Subnet": subnet, "Gateway": gateway, "AuxiliaryAddresses": aux or {}}
+    return {"Id": NET, "Name": "weave", "Driver": driver, "Scope": "local", "IPAM": {"Config": [config]}}
 
 
-def stock(ids: set[str] = frozenset(), addresses: set[str] = frozenset(), swarm: bool = False) -> DockerInventory:
-    return DockerInventory(frozenset(ids), frozenset(IPv4Address(a) for a in addresses), swarm)
+def swarm_network(subnet: str | None) -> dict[str, Any]:
+    return {
+        "Id": "s" * 25,
+        "Name": "svc",
+        "Driver": "weave",
+        "Scope": "swarm",
+        "IPAM": {"Config": [{"Subnet": subnet}]},
+    }
+
+
+def stock(
+    ids: set[str] = frozenset(), addresses: set[str] = frozenset(), swarm: tuple[str, ...] = ()
+) -> DockerInventory:
+    return DockerInventory(
+        frozenset(ids), frozenset(IPv4Address(a) for a in addresses), tuple(IPv4Network(n) for n in swarm)
+    )
 
 
 # --- the rules ---
@@ -141,19 +152,26 @@ def test_lost_releases_are_the_books_leftovers_no_one_in_docker_uses():
     leftovers = {"10.32.0.1", "10.32.0.2", "10.32.0.4", "10.32.0.9", "garbage"}
     docker = stock(addresses={"10.32.0.2"})
     assert prune.lost_releases(leftovers, owned, docker) == [IPv4Address("10.32.0.1")]
-    assert prune.lost_releases(leftovers, owned, stock(swarm=True)) == []  # service VIPs are not listed
+    swarm = stock(swarm=("10.32.0.0/31",))  # service VIPs in a swarm network are in no container list
+    assert prune.lost_releases(leftovers, owned, swarm) == [IPv4Address("10.32.0.2")]
 
 
 def test_docker_inventory_counts_endpoints_gateways_and_aux_addresses_of_every_container():
     docker = FakeDocker(
         [container(ALIVE, "10.32.0.2"), container(GONE, "10.32.0.3", running=False)],
-        [network("10.32.0.1", {"host": "10.32.0.9"}), network("fd00::1", driver="bridge")],
-        swarm="active",
+        [
+            network("10.32.0.1", {"host": "10.32.0.9"}),
+            network("fd00::1", driver="bridge"),
+            swarm_network("10.0.0.0/24"),
+        ],
     )
     found = trio.run(inventory, docker)
     assert found.container_ids == {ALIVE, GONE}
     assert found.addresses == {IPv4Address(a) for a in ("10.32.0.1", "10.32.0.2", "10.32.0.3", "10.32.0.9")}
-    assert found.swarm
+    assert found.swarm_subnets == (IPv4Network("10.0.0.0/24"),)
+    assert found.in_use(IPv4Address("10.0.0.7")) and not found.in_use(IPv4Address("10.32.0.7"))
+    unreadable = FakeDocker([], [swarm_network(None)])
+    assert trio.run(inventory, unreadable).in_use(IPv4Address("10.32.0.7"))  # could be anywhere
 
 
 def test_docker_inventory_refuses_an_answer_it_cannot_read():
@@ -264,3 +282,112 @@ def test_create_endpoint_with_a_leftover_address_keeps_it():
     assert book.leftovers() == set()
     tidy(plugin)
     assert "10.32.0.1" in allocator.owned()
+
+
+# --- while the router runs: Docker's events ---
+
+
+class StreamingDocker(FakeDocker):
+    """Docker's event stream: each `follow` opens with the containers of one batch, replays its
+    events, then Docker ends the stream."""
+
+    def __init__(self, batches: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
+        super().__init__([], [])
+        self.batches = batches
+
+    async def follow(self, path: str, handle: Any, *, query: dict[str, str] | None = None, on_open: Any = None) -> None:
+        assert path == "/events" and json.loads((query or {})["filters"]) == watcher.EVENTS
+        if not self.batches:
+            await trio.sleep_forever()
+        self.containers, events = self.batches.pop(0)
+        await on_open()
+        for event in events:
+            await handle(event)
+
+
+def destroyed(cid: str) -> dict[str, Any]:
+    return {"status": "destroy", "id": cid, "Type": "container", "Action": "destroy", "Actor": {"ID": cid}}
+
+
+def test_a_destroyed_container_gives_back_what_it_held_and_a_reopened_stream_catches_up():
+    allocator = HoldingAllocator()
+    allocator.hold(GONE, "10.32.0.10", is_container=True)
+    allocator.hold("9" * 64, "10.32.0.12")  # not held as a container (CNI): Docker's events are not its life
+    allocator.hold("c" * 64, "10.32.0.13", is_container=True)  # destroyed while the stream was down
+    allocator.hold(ALIVE, "10.32.0.11", is_container=True)
+    everyone = [container(c) for c in (GONE, "9" * 64, "c" * 64, ALIVE)]
+    events = [destroyed(GONE), destroyed("9" * 64), {"Type": "container", "Action": "die", "Actor": {"ID": ALIVE}}]
+    docker = StreamingDocker([(everyone, events), ([container(ALIVE)], [])])
+    follower = watcher.ContainerWatcher(docker, lambda: allocator)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with trio.move_on_after(30):
+            await follower.run()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert set(allocator.owned()) == {ALIVE, "9" * 64}
+    assert follower.opened == 2 and follower.freed == 2
+
+
+def test_the_event_stream_is_read_line_by_line_as_docker_sends_it(tmp_path: Path):
+    """DockerClient.follow against a unix socket that streams chunked JSON lines, as dockerd does."""
+    path = tmp_path / "docker.sock"
+    lines = [json.dumps(destroyed(GONE)), json.dumps(destroyed(ALIVE))]
+    got: list[Any] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = (lines[0] + "\n" + lines[1][:20]).encode()
+        rest = (lines[1][20:] + "\n").encode()
+        await stream.send_all(head + b"%x\r\n%s\r\n" % (len(body), body))
+        await trio.sleep(0.1)  # the second value arrives in two pieces
+        await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        await stream.aclose()
+
+    async def main() -> None:
+        listener = trio.socket.socket(trio.socket.AF_UNIX)
+        await listener.bind(str(path))
+        listener.listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+            opened: list[bool] = []
+
+            async def handle(value: Any) -> None:
+                got.append(value)
+
+            async def on_open() -> None:
+                opened.append(True)
+
+            await DockerClient(str(path)).follow("/events", handle, on_open=on_open)
+            assert opened == [True]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got == [destroyed(GONE), destroyed(ALIVE)]
+
+
+def test_a_refused_event_stream_is_an_error_naming_dockers_message(tmp_path: Path):
+    path = tmp_path / "docker.sock"
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        body = b'{"message": "invalid filter"}'
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await stream.aclose()
+
+    async def main() -> None:
+        listener = trio.socket.socket(trio.socket.AF_UNIX)
+        await listener.bind(str(path))
+        listener.listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+
+            async def handle(value: Any) -> None:
+                raise AssertionError("no value expected")
+
+            with pytest.raises(DockerError, match="invalid filter"):
+                await DockerClient(str(path)).follow("/events", handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -254,7 +254,12 @@ def datapath_overlay_mtu(underlay_mtu: int, encrypted: bool, ipv6_underlay: bool
     1404 encrypted."""
 
 DatapathEvent = (
-    tuple[str, int] | tuple[str, int, int] | tuple[str, str] | tuple[str, str, int] | tuple[str, str, int, int]
+    tuple[str, int]
+    | tuple[str, int, int]
+    | tuple[str, int, str]
+    | tuple[str, str]
+    | tuple[str, str, int]
+    | tuple[str, str, int, int]
 )
 """See `Datapath.drain_events`."""
 
@@ -268,8 +273,9 @@ class Datapath:
     `DataKeys` of their connection: AES-256-GCM (with AES-NI) or ChaCha20-Poly1305, counter nonces,
     a 2048-datagram replay window, rekeyed by a KDF chain every 2^28 datagrams or 120 s. Frames
     larger than a path carries get ICMP fragmentation-needed / Packet Too Big written back into the
-    TAP. Attaching the TAP to the bridge, its MTU and link state are the caller's job (the TAP MTU
-    should be large, e.g. 65000, so oversize packets reach the datapath to be answered)."""
+    TAP (a relay answers frames too big for its next leg back through the overlay). Attaching the
+    TAP to the bridge, its MTU and link state are the caller's job (the TAP MTU should be large,
+    e.g. 65000, so oversize packets reach the datapath to be answered)."""
 
     @staticmethod
     def open(tap_name: str, udp_port: int, mtu: int, local_peer_id: int, bind_addr: str = "0.0.0.0") -> Datapath:
@@ -297,7 +303,9 @@ class Datapath:
     def drain_events(self) -> list[DatapathEvent]:
         """Take the waiting events and clear the fd: ("peer_up", peer), ("peer_down", peer),
         ("pmtu", peer, overlay_mtu), ("mac_learned", "aa:bb:cc:dd:ee:ff", peer),
-        ("mac_moved", mac, old_peer, new_peer), ("datapath_failed", message) (a datapath thread hit a
+        ("mac_moved", mac, old_peer, new_peer), ("peer_endpoint", peer, "ip:port") (an encrypted peer's
+        authenticated datagrams now come from there, e.g. a NAT rebinding: we send there too; plain
+        peers never roam), ("datapath_failed", message) (a datapath thread hit a
         bug and the datapath stopped: close and reopen it). A peer is up while authenticated
         datagrams (heartbeats every 0.5 s, 2 s once up) keep arriving; down after 10 s of silence."""
     def stats(self) -> dict[str, object]:

@@ -333,6 +333,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(f"demo: {exc}") from None
 
 
+def cmd_plugin(args: argparse.Namespace) -> int:
+    from weavenet.plugin.v2.build import BuildError
+    from weavenet.plugin.v2.command import run
+
+    try:
+        print(run(args))
+    except BuildError as exc:
+        raise CliError(f"plugin {args.plugin_command}: {exc}") from None
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from weavenet import _fastdp
 
@@ -404,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=int, default=3, help="iperf3 duration (default 3)")
     ps = client_command("ps", "list attached containers: id, MAC, addresses")
     ps.add_argument("targets", nargs="*", metavar="CONTAINER")
+    from weavenet.plugin.v2.command import add_parser as add_plugin_parser
+
+    add_plugin_parser(commands)
     return parser
 
 
@@ -423,6 +437,7 @@ _HANDLERS = {
     "hide": cmd_hide,
     "ps": cmd_ps,
     "demo": cmd_demo,
+    "plugin": cmd_plugin,
 }
 
 

@@ -152,8 +152,14 @@ def _connect_peer(router: Router) -> Callable[[str], Awaitable[None]]:
     return connect
 
 
-async def run_daemon(settings: Settings) -> None:
-    """Run one router until SIGTERM/SIGINT or `weavenet stop`."""
+PluginFactory = Callable[[Node], PluginService]
+
+
+async def run_daemon(settings: Settings, *, plugin_factory: PluginFactory | None = None) -> None:
+    """Run one router until SIGTERM/SIGINT or `weavenet stop`.
+
+    `plugin_factory` replaces the legacy plugin (the managed V2 plugin brings its own service).
+    """
     if settings.ipalloc_range is not None:
         check_range_is_free(settings.ipalloc_range)  # ConfigError naming the flag and the route
     store = Store(settings.state_dir)
@@ -214,7 +220,10 @@ async def run_daemon(settings: Settings) -> None:
                 else:
                     await nursery.start(serve_tcp, api, settings.http_addr.host, settings.http_addr.port)
                 log.info("HTTP API on %s", settings.http_addr)
-            if (directory := plugin_dir(settings)) is not None:
+            if plugin_factory is not None:
+                node.plugin = plugin_factory(node)
+                await nursery.start(node.plugin.run)
+            elif (directory := plugin_dir(settings)) is not None:
                 node.plugin = PluginService(
                     settings, directory, store=store, allocator=lambda: node.ipam, on_peer=_connect_peer(router)
                 )

@@ -99,18 +99,25 @@ class Overlay:
 
     # --- datapath → mesh ---
 
-    def _on_event(self, event: tuple[Any, ...]) -> None:
+    def _on_event(self, event: tuple[Any, ...]) -> str | None:
+        """Reflect one datapath event in the mesh; returns a reason if the datapath failed."""
         kind = event[0]
+        if kind == "datapath_failed":
+            return str(event[1])
+        peer = self._peer(event[1]) if isinstance(event[1], int) else None
+        conn = self.router.connection_to(peer) if peer is not None else None
+        if peer is None or conn is None:
+            return None
         if kind in ("peer_up", "peer_down"):
-            peer = self._peer(event[1])
-            if peer is not None:
-                log.info("datapath link to %s %s", peer, "up" if kind == "peer_up" else "down")
-                self.router.set_connection_established(peer, kind == "peer_up")
+            log.info("datapath link to %s %s", peer, "up" if kind == "peer_up" else "down")
+            self.router.set_connection_established(peer, kind == "peer_up")
         elif kind == "pmtu":
-            peer = self._peer(event[1])
-            conn = self.router.connection_to(peer) if peer is not None else None
-            if peer is not None and conn is not None:
-                self.router.set_connection_attrs(peer, {**conn.attrs, "mtu": int(event[2])})
+            self.router.set_connection_attrs(peer, {**conn.attrs, "mtu": int(event[2])})
+        elif kind == "peer_endpoint":
+            # An encrypted peer's authenticated datagrams now come from elsewhere (NAT rebinding).
+            log.info("datapath: %s now sends from %s", peer, event[2])
+            self.router.set_connection_attrs(peer, {**conn.attrs, "endpoint": str(event[2])})
+        return None
 
     def _peer(self, peer_id: int) -> PeerName | None:
         for name in self.router.connected_peers():
@@ -120,32 +127,52 @@ class Overlay:
 
     # --- the task ---
 
+    def _resync(self) -> None:
+        """Push every current connection and the routes into a freshly opened datapath."""
+        for peer in self.router.connected_peers():
+            conn = self.router.connection_to(peer)
+            if conn is not None:
+                self._on_connection(conn, True)
+        self._on_routes(self.router.routes)
+
+    async def _serve_events(self, datapath: Datapath) -> str:
+        """Relay events until the datapath reports that it failed; returns why."""
+        fd = datapath.events_fd()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for event in datapath.drain_events():
+                failure = self._on_event(event)
+                if failure is not None:
+                    return failure
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        datapath = await trio.to_thread.run_sync(self._open)
-        self.datapath = datapath
-        log.info(
-            "datapath on %s (UDP %d, overlay MTU %d, %s, TAP offloads %#x, UDP GRO %s)",
-            TAP_NAME,
-            datapath.udp_port,
-            self.mtu,
-            datapath.cipher,
-            datapath.tap_offloads,
-            "on" if datapath.udp_gro else "off",
-        )
-        try:
-            self.router.subscribe_connections(self._on_connection)
-            self.router.subscribe_routes(self._on_routes)
-            self._on_routes(self.router.routes)
-            task_status.started()
-            fd = datapath.events_fd()
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                for event in datapath.drain_events():
-                    self._on_event(event)
-        finally:
-            self.datapath = None
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(datapath.close)
+        self.router.subscribe_connections(self._on_connection)
+        self.router.subscribe_routes(self._on_routes)
+        started = False
+        while True:
+            datapath = await trio.to_thread.run_sync(self._open)
+            self.datapath = datapath
+            log.info(
+                "datapath on %s (UDP %d, overlay MTU %d, %s, TAP offloads %#x, UDP GRO %s)",
+                TAP_NAME,
+                datapath.udp_port,
+                self.mtu,
+                datapath.cipher,
+                datapath.tap_offloads,
+                "on" if datapath.udp_gro else "off",
+            )
+            try:
+                self._resync()
+                if not started:
+                    task_status.started()
+                    started = True
+                reason = await self._serve_events(datapath)
+                log.error("datapath failed (%s): reopening it", reason)
+            finally:
+                self.datapath = None
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(datapath.close)
+            await trio.sleep(1.0)  # a failure that repeats must not spin
 
     def stats(self) -> dict[str, Any]:
         return self.datapath.stats() if self.datapath is not None else {}

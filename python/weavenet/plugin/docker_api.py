@@ -1,13 +1,15 @@
 """A small async client for the Docker Engine API on its unix socket (trio + h11).
 
 We call Docker for a handful of things only: inspect a container (attach by name, reclaim
-addresses), create the `weave` network, read swarm nodes. Paths are unversioned so the same
-client works with old daemons (20.10, API 1.41) and new ones. Every call has a deadline.
+addresses), create the `weave` network, read swarm nodes, follow container events. Paths are
+unversioned so the same client works with old daemons (20.10, API 1.41) and new ones. Every call
+has a deadline; a followed stream has one until Docker answers, then lasts until Docker ends it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -85,6 +87,58 @@ class DockerClient:
             raise DockerError(f"cannot talk to Docker at {self.socket_path}: {exc}") from None
         return DockerResponse(status, b"".join(chunks))
 
+    async def follow(
+        self,
+        path: str,
+        handle: Callable[[Any], Awaitable[None]],
+        *,
+        query: dict[str, str] | None = None,
+        on_open: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """GET a stream of JSON values, one a line (`/events`), and hand each to `handle`, in order.
+
+        `on_open` runs once Docker has accepted the request, before the first value. Returns when
+        Docker ends the stream; raises DockerError if Docker cannot be reached or refuses.
+        """
+        target = path + ("?" + urlencode(query) if query else "")
+        headers = [("Host", "docker"), ("Content-Length", "0")]
+        try:
+            with trio.fail_after(self.timeout):
+                stream = await trio.open_unix_socket(self.socket_path)
+        except trio.TooSlowError:
+            raise DockerError(f"Docker did not answer GET {path} within {self.timeout:.0f}s") from None
+        except OSError as exc:
+            raise DockerError(f"cannot talk to Docker at {self.socket_path}: {exc}") from None
+        try:
+            async with stream:
+                conn = h11.Connection(h11.CLIENT)
+                await stream.send_all(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                pending, status, refusal = b"", 0, b""
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await (stream.receive_some(65536) if status else _within(self.timeout, stream))
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Response):
+                        status = event.status_code
+                        if status < 400 and on_open is not None:
+                            await on_open()
+                    elif isinstance(event, h11.Data) and status >= 400:
+                        refusal += bytes(event.data)
+                    elif isinstance(event, h11.Data):
+                        pending += bytes(event.data)
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            if line.strip():
+                                await handle(json.loads(line))
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        break
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError, json.JSONDecodeError) as exc:
+            raise DockerError(f"Docker's stream {path} broke: {exc}") from None
+        if status >= 400:
+            raise DockerError(f"GET {path}: {DockerResponse(status, refusal).message}", status)
+
     async def call(self, method: str, path: str, *, body: Any = None, query: dict[str, str] | None = None) -> Any:
         """Like `request`, but a status >= 400 raises DockerError with Docker's message."""
         reply = await self.request(method, path, body=body, query=query)
@@ -127,3 +181,12 @@ class DockerClient:
 
     async def swarm_nodes(self) -> list[dict[str, Any]]:
         return await self.call("GET", "/nodes")
+
+
+async def _within(seconds: float, stream: trio.SocketStream) -> bytes:
+    """Docker's first bytes (the response head), which must come within the client's deadline."""
+    try:
+        with trio.fail_after(seconds):
+            return await stream.receive_some(65536)
+    except trio.TooSlowError:
+        raise OSError(f"no answer within {seconds:.0f}s") from None

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
 from typing import Any
 
 from weavenet.plugin.docker_api import DockerClient, DockerError
@@ -118,38 +118,58 @@ async def endpoints_on(docker: DockerClient, network_ids: set[str]) -> list[Dock
 @dataclass(frozen=True)
 class DockerInventory:
     """What Docker holds, as far as addresses go: every container it knows (in any state), every
-    IPv4 address a container endpoint, a network gateway or an auxiliary address uses, and whether
-    it is a swarm node (then service VIPs hold addresses no container lists)."""
+    IPv4 address a container endpoint, a network gateway or an auxiliary address uses, and the
+    subnets of swarm-scope networks, whose service VIPs hold addresses no container lists."""
 
     container_ids: frozenset[str]
     addresses: frozenset[IPv4Address]
-    swarm: bool
+    swarm_subnets: tuple[IPv4Network, ...] = ()
+
+    def in_use(self, address: IPv4Address) -> bool:
+        return address in self.addresses or any(address in subnet for subnet in self.swarm_subnets)
+
+
+ANYWHERE = IPv4Network("0.0.0.0/0")
 
 
 async def inventory(docker: DockerClient) -> DockerInventory:
-    """Take stock in three calls. Raises DockerError if Docker fails any, or answers in a shape we
-    do not know: a partial picture would make a prune free what is in use."""
+    """Take stock in two calls. Raises DockerError if Docker fails either, or answers in a shape
+    we do not know: a partial picture would make a prune free what is in use."""
     containers = await docker.call("GET", "/containers/json", query={"all": "1"})
     networks = await docker.call("GET", "/networks")
-    info = await docker.info()
-    if not isinstance(containers, list) or not isinstance(networks, list) or not isinstance(info, dict):
+    if not isinstance(containers, list) or not isinstance(networks, list):
         raise DockerError("Docker answered the container or network list in an unexpected shape")
     ids: set[str] = set()
     addresses: set[IPv4Address] = set()
+    swarm_subnets: list[IPv4Network] = []
     try:
         for container in containers:
             ids.add(str(container["Id"]))
             for settings in (((container.get("NetworkSettings") or {}).get("Networks")) or {}).values():
                 _add_address(addresses, settings.get("IPAddress"))
         for network in networks:
-            for config in (network.get("IPAM") or {}).get("Config") or []:
+            configs = (network.get("IPAM") or {}).get("Config") or []
+            for config in configs:
                 _add_address(addresses, config.get("Gateway"))
                 for aux in (config.get("AuxiliaryAddresses") or {}).values():
                     _add_address(addresses, aux)
+            if network.get("Scope") == "swarm":
+                subnets = [_subnet(config.get("Subnet")) for config in configs]
+                # a swarm network whose subnet we cannot read could hold any address
+                swarm_subnets += [s for s in subnets if s is not None] if any(subnets) else [ANYWHERE]
     except (KeyError, TypeError, AttributeError) as exc:
         raise DockerError(f"Docker answered the container or network list in an unexpected shape ({exc!r})") from None
-    state = str((info.get("Swarm") or {}).get("LocalNodeState") or "inactive")
-    return DockerInventory(frozenset(ids), frozenset(addresses), swarm=state != "inactive")
+    return DockerInventory(frozenset(ids), frozenset(addresses), tuple(swarm_subnets))
+
+
+def _subnet(text: object) -> IPv4Network | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        subnet = ip_network(text, strict=False)
+    except ValueError:
+        return None
+    return subnet if isinstance(subnet, IPv4Network) else None
 
 
 def _add_address(addresses: set[IPv4Address], text: object) -> None:

@@ -9,10 +9,10 @@ Two kinds of IPAM holdings can outlive their container when the router was down 
     no container, gateway or auxiliary address of Docker's holds is freed.
 This must never free an address in use, so it frees nothing unless Docker answered every listing;
 only idents that are container ids (64 hex digits) allocated as containers (CNI's are not); only
-book addresses still filed under their own text; none on a swarm node (service VIPs hold addresses
-no container lists); and the plugin waits `SETTLE` seconds after it starts serving before the
-second kind, so that a `docker run` cut in half by the restart (Docker retries a plugin call for
-15 s) has plugged its address in, or told us, first.
+book addresses still filed under their own text; none inside a swarm-scope network (service VIPs
+hold addresses no container lists); and the plugin waits `SETTLE` seconds after it starts serving
+before the second kind, so that a `docker run` cut in half by the restart (Docker retries a plugin
+call for 15 s) has plugged its address in, or told us, first.
 """
 
 from __future__ import annotations
@@ -40,15 +40,13 @@ def lost_releases(
     leftovers: set[str], owned: dict[str, list[IPv4Interface]], docker: DockerInventory
 ) -> list[IPv4Address]:
     """The book's leftovers that IPAM still files under their own text and Docker does not use."""
-    if docker.swarm:
-        return []
     found = []
     for text in sorted(leftovers):
         try:
             address = IPv4Address(text)
         except ValueError:
             continue
-        if address in docker.addresses:
+        if docker.in_use(address):
             continue
         if any(cidr.ip == address for cidr in owned.get(text, [])):
             found.append(address)
@@ -72,9 +70,6 @@ async def prune_gone_containers(allocator: Allocator, docker: DockerInventory) -
 
 async def prune_lost_releases(allocator: Allocator, book: AddressBook, docker: DockerInventory) -> list[IPv4Interface]:
     """Free the addresses Docker got from us whose release never arrived; returns what was freed."""
-    if docker.swarm:
-        log.info("plugin: not pruning IPAM addresses: this Docker is a swarm node (service addresses are not listed)")
-        return []
     owned = allocator.owned()
     freed: list[IPv4Interface] = []
     for address in lost_releases(book.leftovers(), owned, docker):

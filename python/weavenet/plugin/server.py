@@ -10,7 +10,8 @@ A socket another live process is serving is never taken over; a stale one is rep
 removed on exit. Docker caches activation for its lifetime, so after a restart we must answer at
 once, from what the store and the kernel still hold, without any Activate or CreateNetwork. Once
 Docker answers after a start, running containers' addresses are reclaimed and those of containers
-that ended while we were down are freed (plugin.prune).
+that ended while we were down are freed (plugin.prune); while we run, a container Docker destroys
+gives back what IPAM holds under its id (plugin.watcher).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from weavenet.plugin.ipam_driver import ANONYMOUS, Allocator, IpamDriver
 from weavenet.plugin.network_driver import NetworkDriver, PeerCallback
 from weavenet.plugin.options import BadRequest, DriverError, body_object
 from weavenet.plugin.state import AddressBook, NetworkTable
+from weavenet.plugin.watcher import ContainerWatcher
 
 if TYPE_CHECKING:
     from weavenet.config import Settings
@@ -140,6 +142,7 @@ class PluginService:
         self.book = AddressBook(store).load()
         self.prune_settle = prune.SETTLE
         self.pruned = {"Containers": 0, "Addresses": 0}
+        self.watcher = ContainerWatcher(self.docker, allocator) if self.docker is not None else None
         self.calls: dict[str, CallStats] = {}
         self.names: dict[str, str] = {}  # network id → Docker name, refreshed from Docker
         self.names_stale = trio.Event()
@@ -246,6 +249,8 @@ class PluginService:
             if self.docker is not None:
                 nursery.start_soon(self._maintain_weave_network)
                 nursery.start_soon(self._tidy_after_start, trio.current_time())
+                if self.watcher is not None:
+                    nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self._refresh_names)
             elif self.settings.plugin_network:
                 self.weave_network.state, self.weave_network.error = "disabled", "no Docker API (--docker-api)"
@@ -438,7 +443,7 @@ class PluginService:
                 for r in sorted(self.networks.networks.values(), key=lambda r: (r.driver, r.network_id))
             ],
             "Calls": {method: stats.to_json() for method, stats in sorted(self.calls.items()) if stats.count},
-            "Pruned": dict(self.pruned),
+            "Pruned": {**self.pruned, "Destroyed": self.watcher.freed if self.watcher is not None else 0},
         }
 
     async def ps(self) -> list[dict[str, Any]]:

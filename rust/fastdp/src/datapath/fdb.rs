@@ -14,6 +14,10 @@ pub type Mac = [u8; 6];
 
 /// How long an entry lives without being seen.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
+/// Most entries kept: a container spraying random source MACs must not grow the table (or the
+/// router's event queue) without bound. Unknown MACs are flooded, so a full table only costs
+/// bandwidth, never reachability.
+pub const MAX_ENTRIES: usize = 65536;
 
 struct Entry {
     peer: u64,
@@ -65,6 +69,9 @@ impl Fdb {
         let Ok(mut map) = self.map.write() else {
             return Learned::Known;
         };
+        if map.len() >= MAX_ENTRIES && !map.contains_key(&mac) {
+            return Learned::Known;
+        }
         let old = map.insert(
             mac,
             Entry {
@@ -125,5 +132,17 @@ mod tests {
         f.learn(a, 9, 0);
         f.forget_peer(9);
         assert_eq!(f.lookup(&a), None);
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let f = Fdb::default();
+        for i in 0..MAX_ENTRIES as u32 + 10 {
+            let b = i.to_be_bytes();
+            f.learn([2, 0, b[0], b[1], b[2], b[3]], 1, 0);
+        }
+        assert_eq!(f.len(), MAX_ENTRIES);
+        // Known MACs still move.
+        assert_eq!(f.learn([2, 0, 0, 0, 0, 1], 2, 0), Learned::Moved(1));
     }
 }

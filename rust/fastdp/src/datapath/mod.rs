@@ -87,6 +87,8 @@ pub enum Event {
     Pmtu(u64, u32),
     MacLearned(Mac, u64),
     MacMoved(Mac, u64, u64),
+    /// A peer's authenticated datagrams now come from this address (NAT rebinding, a move).
+    Endpoint(u64, SocketAddr),
     /// A datapath thread died (a bug): the datapath has stopped; the router should reopen it.
     Failed(String),
 }
@@ -195,6 +197,8 @@ pub enum TxWork {
         destination: u64,
         frame: Vec<u8>,
     },
+    /// The peer's datagrams now come from `addr`: send there.
+    Endpoint { peer: u64, addr: SocketAddr },
     /// A control datagram to `peer`.
     Control {
         peer: u64,

@@ -138,7 +138,7 @@ impl PyDatapath {
 
     /// Take the waiting events: ("peer_up", peer) | ("peer_down", peer) | ("pmtu", peer, mtu) |
     /// ("mac_learned", mac, peer) | ("mac_moved", mac, old_peer, new_peer) |
-    /// ("datapath_failed", message).
+    /// ("peer_endpoint", peer, "ip:port") | ("datapath_failed", message).
     fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let events = self.with(|dp| Ok(dp.drain_events()))?;
         events
@@ -149,6 +149,9 @@ impl PyDatapath {
                 Event::Pmtu(p, m) => ("pmtu", p, m).into_pyobject(py),
                 Event::MacLearned(mac, p) => ("mac_learned", format_mac(&mac), p).into_pyobject(py),
                 Event::Failed(why) => ("datapath_failed", why).into_pyobject(py),
+                Event::Endpoint(p, addr) => {
+                    ("peer_endpoint", p, addr.to_string()).into_pyobject(py)
+                }
                 Event::MacMoved(mac, a, b) => {
                     ("mac_moved", format_mac(&mac), a, b).into_pyobject(py)
                 }

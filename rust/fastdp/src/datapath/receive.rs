@@ -238,6 +238,16 @@ impl ReceiveThread {
                 return;
             }
         };
+        // Roaming (NAT rebinding, a changed address): an authenticated, fresh datagram from a new
+        // source moves the peer's endpoint there, as WireGuard does. Replays never reach this
+        // point, and plain peers (unauthenticated) never roam.
+        let roamed = match from {
+            Some(addr) if peer.cipher.is_some() && addr != peer.addr => {
+                peer.addr = addr;
+                Some(addr)
+            }
+            _ => None,
+        };
         add(&peer.stats.rx_datagrams, 1);
         add(&peer.stats.rx_bytes, len as u64);
         let now_ns = self.now_ns;
@@ -283,6 +293,19 @@ impl ReceiveThread {
                 Err(_) => self.shared.stats.drop(Drop::Malformed, 1),
             },
         }
+        if let Some(addr) = roamed {
+            self.roam(h.sender, addr);
+        }
+    }
+
+    fn roam(&mut self, peer: u64, addr: SocketAddr) {
+        if let Ok(mut peers) = self.shared.peers.lock() {
+            if let Some(info) = peers.get_mut(&peer) {
+                info.addr = addr;
+            }
+        }
+        self.shared.events.push(super::Event::Endpoint(peer, addr));
+        self.queue(TxWork::Endpoint { peer, addr });
     }
 
     fn handle_data(&mut self, h: &Header, body: &[u8]) {

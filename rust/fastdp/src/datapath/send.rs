@@ -5,8 +5,8 @@
 //! receive thread hands over (relays, re-floods, control replies) and runs the timers: heartbeats,
 //! liveness, PMTU probes and MAC ageing.
 //!
-//! Never blocks on anything but poll (and briefly on a full socket buffer); owns all sealing state,
-//! so no lock guards a key.
+//! Never blocks on anything but poll (and briefly on a full socket buffer). All sealing state lives
+//! in `SendThread`, behind one mutex that only this thread and the receive thread's `poke` take.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +31,8 @@ use super::udp::{Outgoing, SendScratch, SockAddr, Udp, MAX_GSO_BYTES, MAX_GSO_SE
 use super::{Cmd, Event, Routes, Shared, TxWork};
 use crate::frame::{Kind, Route, BROADCAST, PMTU_BODY_LEN};
 
+/// At most this many ICMP errors per second for frames we relay.
+const ICMP_PER_SECOND: u32 = 200;
 /// Frames read from the TAP per flush.
 const TAP_BATCH: usize = 128;
 /// Frames a poke from the receive thread reads at most: enough for an answer, never a bulk
@@ -62,6 +64,8 @@ pub struct SendThread {
     next_expire: Instant,
     /// The time at the top of this loop iteration (one clock read per batch, not per frame).
     now: Instant,
+    /// ICMP errors for relayed frames sent in the current one-second window.
+    icmp_window: (Instant, u32),
     learned: Option<(Mac, u64, u64)>,
 }
 
@@ -105,12 +109,13 @@ impl SendThread {
             next_tick: now,
             next_expire: now + Duration::from_secs(30),
             now,
+            icmp_window: (now, 0),
             learned: None,
         }
     }
 
     /// The thread body. The state sits behind a mutex only so the receive thread can `poke` it
-    /// while this thread sleeps in poll; the lock is never held across a blocking call.
+    /// while this thread sleeps in poll; the lock is not held while waiting for input.
     pub fn run(state: Arc<Mutex<SendThread>>) {
         let Ok((fds, shared)) = state
             .lock()
@@ -156,8 +161,8 @@ impl SendThread {
     /// Do whatever is waiting, without blocking. The receive thread calls this right after it
     /// delivered request-like traffic: when the local stack answered within the TAP write, the
     /// answer leaves at once instead of after this thread's wake-up (one less hop of latency per
-    /// round trip, like a single-threaded daemon). On the loaded 2-core lab VM that is about a
-    /// third of pings (`sent_inline`); otherwise softirq work is deferred to ksoftirqd.
+    /// round trip, like a single-threaded daemon). On the 2-core lab VM that is about a third of
+    /// pings (`sent_inline`); otherwise this thread, woken by the answer, gets there first.
     pub fn poke(&mut self) {
         let before = get(&self.shared.stats.tap_rx_frames);
         self.step(POKE_FRAMES);
@@ -235,6 +240,11 @@ impl SendThread {
                     self.relay(from_hop, origin, destination, &frame);
                     self.shared.pool.put(frame);
                 }
+                TxWork::Endpoint { peer, addr } => {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.addr = SockAddr::new(addr, self.udp.is_v6());
+                    }
+                }
                 TxWork::Control { peer, kind, body } => {
                     if let Some(p) = self.peers.get_mut(&peer) {
                         p.push_control(kind, &body, self.now);
@@ -267,12 +277,54 @@ impl SendThread {
         } else {
             match self.routes.unicast.get(&destination).copied() {
                 Some(hop) if hop != from_hop => {
+                    let mtu = self.peers.get(&hop).map(|p| p.overlay_mtu(self.shared.mtu));
+                    if let Some(mtu) = mtu.filter(|&m| frame.len() - 14 > m) {
+                        // The next leg is narrower than the origin's: answer as a router on the
+                        // path would, back through the overlay to the origin's TAP.
+                        self.shared.stats.drop(Drop::Oversize, 1);
+                        self.answer_too_big_remote(frame, origin, destination, mtu);
+                        return;
+                    }
                     self.push_to(hop, route, frame, true);
                     add(&self.shared.stats.relayed, 1);
                 }
                 _ => self.shared.stats.drop(Drop::NoRoute, 1),
             }
         }
+    }
+
+    /// Send the ICMP answer to a relayed frame that is too big for our next hop back to the
+    /// frame's origin peer (rate-limited like a router's ICMP errors). The answer carries the
+    /// frame's destination peer as its origin: its source MAC is the destination's, and the origin
+    /// must keep learning that MAC behind the destination, not behind us.
+    fn answer_too_big_remote(&mut self, frame: &[u8], origin: u64, destination: u64, mtu: usize) {
+        let now = self.now;
+        if now.duration_since(self.icmp_window.0) >= Duration::from_secs(1) {
+            self.icmp_window = (now, 0);
+        }
+        if self.icmp_window.1 >= ICMP_PER_SECOND {
+            return;
+        }
+        let mut out = std::mem::take(&mut self.icmp_buf);
+        if icmp::answer(frame, mtu.min(u16::MAX as usize) as u16, &mut out) {
+            let back = self
+                .routes
+                .unicast
+                .get(&origin)
+                .copied()
+                .or_else(|| self.peers.contains_key(&origin).then_some(origin));
+            if let Some(hop) = back {
+                let route = Some(Route {
+                    origin: destination,
+                    destination: origin,
+                });
+                if self.push_to(hop, route, &out, true) {
+                    self.icmp_window.1 += 1;
+                    add(&self.shared.stats.icmp_sent, 1);
+                }
+            }
+        }
+        self.icmp_buf = out;
     }
 
     /// Queue one wire-ready frame for `hop`, checking it against that path's MTU.
