@@ -8,10 +8,11 @@ Docker restarts, and `docker plugin rm` leaving nothing behind but the state dir
 
 Only one router can own the `weave` bridge, the TAP and ports 6783/6784 in the host's network
 namespace, and the plugin's router is such a router. So the module holds an flock on
-/run/weavenet-host-router.lock and first waits until no other weavenet router runs in this
-namespace (the legacy plugin tests start theirs here). Everything it makes is named `wnt<hex>…`
-and removed in the fixtures' finally blocks, in the order Docker needs: services (and their tasks),
-containers, networks, the swarm if we joined it, the plugin, the image.
+tests.plugin_helpers.ROOT_NAMESPACE_LOCK and first waits until no other weavenet router runs in this
+namespace (the legacy plugin tests start theirs here). The plugin is always `wntv2/net-plugin:test`
+(see PLUGIN_NAME); everything else it makes is named `wnt<hex>…`. All is removed in the fixtures'
+finally blocks, in the order Docker needs: services (and their tasks), containers, networks, the
+swarm if we joined it (while the plugin still answers), the plugin, the image.
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ from typing import Any
 
 import pytest
 
-from tests.plugin_helpers import BUSYBOX, docker, import_busybox, wait_for
+from tests.plugin_helpers import BUSYBOX, ROOT_NAMESPACE_LOCK, docker, import_busybox, wait_for
 from tests.prereq import missing
 from weavenet.plugin.v2.build import DaemonLog
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WEAVENET = str(Path(sys.executable).with_name("weavenet"))
-LOCK = Path("/run/weavenet-host-router.lock")
+LOCK = ROOT_NAMESPACE_LOCK  # one lock for every test that runs a router in this namespace
 WAIT_FOR_OTHERS = 600.0  # seconds to wait for another router in this namespace to go away
 STATE_DIR = Path("/var/lib/weavenet")
+# One name for every run (runs are serialised by LOCK): Docker never unregisters a removed managed
+# plugin's driver, and each one left registered makes every later `swarm leave` wait 15 s on it.
+PLUGIN_NAME = "wntv2/net-plugin:test"
 
 
 # --- the host ---
@@ -216,7 +220,10 @@ def report() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def plugin(host: None) -> Iterator[Plugin]:
     tag = f"wnt{secrets.token_hex(3)}"
-    name = f"{tag}/net-plugin:test"
+    name = PLUGIN_NAME
+    if docker("plugin", "inspect", name, check=False).returncode == 0:  # a dead run's (we hold the lock)
+        docker("plugin", "disable", "-f", name, check=False)
+        docker("plugin", "rm", "-f", name)
     began = time.monotonic()
     built = weavenet("plugin", "build", "--name", name, timeout=300)
     build_seconds = time.monotonic() - began
@@ -242,12 +249,38 @@ def image(host: None) -> Iterator[str]:
         docker("rmi", "-f", name, check=False)
 
 
+@dataclass
+class Swarm:
+    """The daemon's swarm, or one we made (and so must leave again)."""
+
+    joined: bool
+    gwbridge_before: bool
+
+    def leave(self, tag: str) -> None:
+        """Leave if we joined: before the plugin goes, because Docker keeps a removed managed
+        plugin's driver registered and makes every later swarm leave wait 15 s on it."""
+        remove_everything(tag)
+        if not self.joined:
+            return
+        began = time.monotonic()
+        docker("swarm", "leave", "--force", check=False, timeout=600)
+        print(f"\nswarm left in {time.monotonic() - began:.1f}s")
+        self.joined = False
+        if not self.gwbridge_before:
+            gwbridge = docker("network", "inspect", "-f", "{{len .Containers}}", "docker_gwbridge", check=False)
+            if gwbridge.returncode == 0 and gwbridge.stdout.strip() == "0":
+                docker("network", "rm", "docker_gwbridge", check=False)
+
+
 @pytest.fixture(scope="module")
-def swarm(plugin: Plugin) -> Iterator[None]:
+def swarm(plugin: Plugin) -> Iterator[Swarm]:
     """A swarm: the daemon's own, or one we make (after the plugin is enabled: G11) and leave again."""
     state = docker("info", "-f", "{{.Swarm.LocalNodeState}}").stdout.strip()
-    joined = state == "inactive"
-    if joined:
+    the_swarm = Swarm(
+        joined=state == "inactive",
+        gwbridge_before=docker("network", "inspect", "docker_gwbridge", check=False).returncode == 0,
+    )
+    if the_swarm.joined:
         docker("swarm", "init", "--advertise-addr", "127.0.0.1")
     elif state != "active":
         missing(f"a usable swarm (this daemon's swarm state is {state!r})")
@@ -259,14 +292,9 @@ def swarm(plugin: Plugin) -> Iterator[None]:
             interval=1,
             what="the swarm to see the plugin on this node",
         )
-        yield
+        yield the_swarm
     finally:
-        remove_everything(plugin.tag)
-        if joined:
-            docker("swarm", "leave", "--force", check=False, timeout=120)
-            gwbridge = docker("network", "inspect", "-f", "{{len .Containers}}", "docker_gwbridge", check=False)
-            if gwbridge.returncode == 0 and gwbridge.stdout.strip() == "0":
-                docker("network", "rm", "docker_gwbridge", check=False)
+        the_swarm.leave(plugin.tag)
 
 
 def lines(*args: str) -> list[str]:
@@ -397,7 +425,7 @@ def test_build_is_quick_and_the_hosts_cli_reaches_the_plugins_router(plugin: Plu
     assert link_exists("weave") and link_exists("weave-dp")
 
 
-def test_a_swarm_service_and_an_attachable_container_ping_each_other(plugin: Plugin, swarm: None, image: str) -> None:
+def test_a_swarm_service_and_an_attachable_container_ping_each_other(plugin: Plugin, swarm: Swarm, image: str) -> None:
     net = create_network(plugin, "net")
     mnet = create_network(plugin, "mnet", "--opt", "works.weave.multicast")
     tasks = start_service(plugin, image, "svc", net, mnet)
@@ -416,7 +444,7 @@ def test_a_swarm_service_and_an_attachable_container_ping_each_other(plugin: Plu
     remove_everything(plugin.tag)
 
 
-def test_disable_enable_and_a_killed_plugin_keep_the_network_usable(plugin: Plugin, swarm: None, image: str) -> None:
+def test_disable_enable_and_a_killed_plugin_keep_the_network_usable(plugin: Plugin, swarm: Swarm, image: str) -> None:
     net = create_network(plugin, "keep")
     tasks = start_service(plugin, image, "keep", net)
     ips = [address(t, net) for t in tasks]
@@ -444,7 +472,7 @@ def test_disable_enable_and_a_killed_plugin_keep_the_network_usable(plugin: Plug
     remove_everything(plugin.tag)
 
 
-def test_every_setting_takes_effect(plugin: Plugin, swarm: None, image: str) -> None:
+def test_every_setting_takes_effect(plugin: Plugin, swarm: Swarm, image: str) -> None:
     nickname = f"{plugin.tag}-node"
     mark = plugin.log.mark()
     plugin.reconfigure(
@@ -521,7 +549,7 @@ def test_a_bad_ipalloc_range_fails_enable_and_says_why(plugin: Plugin) -> None:
         assert reasons and reasons[0].startswith("weavenet plugin: cannot start: --ipalloc-range (from $IPALLOC_RANGE)")
         # `weavenet plugin install` checks the same before it builds anything: it fails at once
         began = time.monotonic()
-        other = f"{plugin.tag}/other:test"
+        other = f"{plugin.tag}/other:test"  # never created: refused before the build
         refused = weavenet("plugin", "install", "--name", other, f"IPALLOC_RANGE={bad}", check=False)
         assert refused.returncode == 1 and "overlaps the host route" in refused.stderr
         assert time.monotonic() - began < 10
@@ -531,9 +559,9 @@ def test_a_bad_ipalloc_range_fails_enable_and_says_why(plugin: Plugin) -> None:
         plugin.enable()
 
 
-def test_removing_the_plugin_leaves_only_the_state_directory(plugin: Plugin, swarm: None) -> None:
+def test_removing_the_plugin_leaves_only_the_state_directory(plugin: Plugin, swarm: Swarm) -> None:
     """Last: the module's plugin goes. Networks and services are gone; the router tidies the host."""
-    remove_everything(plugin.tag)
+    swarm.leave(plugin.tag)
     assert plugin.enabled()
     assert docker("plugin", "disable", plugin.name, check=False).returncode == 0  # not in use any more
     docker("plugin", "rm", plugin.name)

@@ -176,10 +176,27 @@ def create_network(driver: V2NetworkDriver, network_id: str, generic: dict[str, 
 
 @pytest.mark.parametrize("default", [False, True])
 def test_the_option_wins_and_weave_multicast_fills_in(default: bool) -> None:
-    driver = V2NetworkDriver("wnt/net-plugin:t1", "global", NetworkTable(None), docker=None, multicast_default=default)
+    driver = V2NetworkDriver("wnt/net-plugin:t1", NetworkTable(None), docker=None, multicast_default=default)
     assert create_network(driver, "n-unset", {}) is default
     assert create_network(driver, "n-on", {"works.weave.multicast": "true"}) is True
     assert create_network(driver, "n-off", {"works.weave.multicast": "false"}) is False
+
+
+def test_a_changed_weave_multicast_applies_to_existing_networks_after_a_restart(tmp_path: Path) -> None:
+    from weavenet.store import Store
+
+    def driver(default: bool) -> V2NetworkDriver:
+        table = NetworkTable(Store(tmp_path))
+        table.load()
+        return V2NetworkDriver("wnt/net-plugin:t1", table, docker=None, multicast_default=default)
+
+    first = driver(False)
+    assert create_network(first, "n-unset", {}) is False
+    assert create_network(first, "n-off", {"works.weave.multicast": "false"}) is False
+    first.networks.store.close()  # type: ignore[union-attr]
+    restarted = driver(True)  # docker plugin set WEAVE_MULTICAST=true; enable
+    assert trio.run(restarted._network, "n-unset").multicast is True
+    assert trio.run(restarted._network, "n-off").multicast is False
 
 
 # --- swarm peers ---

@@ -7,6 +7,7 @@ Shape of the tree (read top to bottom in `run_daemon`):
     ├── IPAM allocator          ring gossip, consensus, retries (ipam/allocator.py)
     ├── HTTP API                127.0.0.1:6784: status, report, connect/forget, metrics, stop
     └── Docker plugin           /run/docker/plugins/{weavemesh,weave}.sock; the `weave` network
+                                (in the managed V2 plugin: its one socket + swarm peers, plugin/v2/)
 It must never block the trio loop: slow work (key derivation) runs in a thread.
 """
 

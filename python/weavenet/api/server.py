@@ -190,6 +190,8 @@ async def serve_connection(stream: trio.abc.Stream, router: Router) -> None:
                 await _respond(conn, stream, Response.text(exc.message + "\n", exc.status))
                 return
             except (h11.RemoteProtocolError, trio.TooSlowError):
+                if conn.their_state is h11.IDLE:
+                    return  # an idle keep-alive connection: close quietly, a 400 would be unsolicited
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _respond(conn, stream, Response.text("malformed or incomplete HTTP request\n", 400))
                 return

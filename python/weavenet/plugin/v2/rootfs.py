@@ -20,6 +20,7 @@ Blocking file work; run from the CLI, never from the router.
 
 from __future__ import annotations
 
+import compileall
 import hashlib
 import importlib.metadata
 import logging
@@ -54,6 +55,7 @@ STDLIB_SKIP = frozenset(
         "__phello__",
     }
 )
+TEST_DIRS = frozenset({"tests", "_tests", "test"})
 DYNLOAD_SKIP = re.compile(r"^(_tkinter|_test|_ctypes_test|xxlimited|xxsubtype|_xxtestfuzz|_xxsubinterpreters)")
 XTABLES_LINKS = ("iptables", "iptables-save", "iptables-restore")
 
@@ -130,9 +132,7 @@ def _place(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _copy_tree(
-    source: Path, target: Path, *, skip_dirs: Iterable[str] = (), keep: re.Pattern[str] | None = None
-) -> int:
+def _copy_tree(source: Path, target: Path, *, skip_dirs: Iterable[str] = ()) -> int:
     """Copy (hard-link) a tree of regular files; symlinks are kept as symlinks. Returns files placed."""
     skip = set(skip_dirs)
     count = 0
@@ -140,8 +140,6 @@ def _copy_tree(
         dirs[:] = [d for d in dirs if d not in skip]
         rel = Path(root).relative_to(source)
         for name in files:
-            if keep is not None and not keep.search(name):
-                continue
             src = Path(root) / name
             dst = target / rel / name
             if src.is_symlink():
@@ -311,6 +309,8 @@ def install_packages(site: Path) -> int:
             source = Path(str(dep.locate_file(file)))
             if ".." in file.parts or not source.is_file():
                 continue  # scripts and data outside site-packages
+            if TEST_DIRS.intersection(file.parts):
+                continue  # a dependency's own test suite
             _place(source, site / file)
             count += 1
     return count
@@ -335,9 +335,11 @@ def make_rootfs(target: Path, *, cache_dir: Path = CACHE_DIR) -> None:
     """The full rootfs in `target` (which must not exist): the cached runtime plus weavenet."""
     runtime = cached_runtime(cache_dir)
     _copy_tree(runtime, target)
-    _link_dirs(runtime, target)
+    _make_dirs(runtime, target)
     site = _host_path(target, Path(SITE_DIR))
     install_packages(site)
+    # Bytecode now, not at every start (the stdlib's comes from the host's install already).
+    compileall.compile_dir(site, quiet=1, workers=1)
     add_libraries(target, sorted(site.rglob("*.so")))  # the Rust core needs libgcc_s, for one
     write_launcher(target)
 
@@ -350,7 +352,7 @@ def add_libraries(root: Path, binaries: Iterable[Path]) -> None:
             _place_copy(Path(os.path.realpath(library)), copied)
 
 
-def _link_dirs(runtime: Path, target: Path) -> None:
+def _make_dirs(runtime: Path, target: Path) -> None:
     """Empty directories (mount points) do not come with the files: make them, with their modes."""
     for root, dirs, _ in os.walk(runtime):
         for name in dirs:

@@ -21,9 +21,15 @@ import trio
 
 from weavenet.plugin.docker_api import DockerClient, DockerError
 from weavenet.plugin.network_driver import Body, NetworkDriver, PeerCallback
-from weavenet.plugin.options import GENERIC_OPTIONS, MULTICAST_OPTION, multicast_option, object_field
+from weavenet.plugin.options import (
+    GENERIC_OPTIONS,
+    MULTICAST_OPTION,
+    DriverError,
+    multicast_option,
+    object_field,
+)
 from weavenet.plugin.server import PluginService
-from weavenet.plugin.state import NetworkRecord
+from weavenet.plugin.state import NetworkRecord, NetworkTable
 from weavenet.plugin.v2.swarm import SwarmPeers
 
 if TYPE_CHECKING:
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 0.8  # Docker waits on us while we ask it
+EXPLICIT_KEY = "plugin.v2.multicast_options"  # network id → the works.weave.multicast it was created with
 
 
 def explicit_multicast(options: Mapping[str, Any] | None) -> bool | None:
@@ -51,42 +58,75 @@ def explicit_multicast(options: Mapping[str, Any] | None) -> bool | None:
 
 
 class V2NetworkDriver(NetworkDriver):
-    """The global driver, with WEAVE_MULTICAST as the default for networks that say nothing."""
+    """The global driver, with WEAVE_MULTICAST as the default for networks that say nothing.
 
-    def __init__(self, *args: Any, multicast_default: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    What each network said (on, off, or nothing) is kept apart from the resolved flag, so that a
+    changed WEAVE_MULTICAST applies to existing networks too after the plugin is enabled again.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        networks: NetworkTable,
+        *,
+        docker: DockerClient | None,
+        on_peer: PeerCallback | None = None,
+        on_network: Callable[[], None] | None = None,
+        multicast_default: bool = False,
+    ) -> None:
+        super().__init__(name, "global", networks, docker=docker, on_peer=on_peer, on_network=on_network)
         self.multicast_default = multicast_default
+        saved = networks.store.get_json(EXPLICIT_KEY, {}) if networks.store is not None else {}
+        self.explicit: dict[str, bool] = {str(k): bool(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+
+    def _resolved(self, network_id: str) -> bool:
+        return self.explicit.get(network_id, self.multicast_default)
+
+    def _remember(self, network_id: str, explicit: bool | None) -> None:
+        if explicit is None:
+            if self.explicit.pop(network_id, None) is None:
+                return
+        else:
+            self.explicit[network_id] = explicit
+        if self.networks.store is not None:
+            self.networks.store.put_json(EXPLICIT_KEY, dict(sorted(self.explicit.items())))
 
     async def create_network(self, body: Body) -> Body:
-        reply = await super().create_network(body)  # validates, records with the option's value
-        if self.multicast_default and explicit_multicast(object_field(body, "Options")) is None:
-            self._switch_multicast_on(str(body["NetworkID"]))
+        reply = await super().create_network(body)  # validates the option, records the network
+        network_id = str(body["NetworkID"])
+        self._remember(network_id, explicit_multicast(object_field(body, "Options")))
+        self._sync_record(network_id)
+        return reply
+
+    async def delete_network(self, body: Body) -> Body:
+        reply = await super().delete_network(body)
+        self._remember(str(body.get("NetworkID") or ""), None)
         return reply
 
     async def _network(self, network_id: str) -> NetworkRecord:
         known = self.networks.get(network_id) is not None
         record = await super()._network(network_id)
-        if known or record.multicast or not self.multicast_default or self.docker is None:
-            return record
-        # Learned from Docker just now (our store lost it): the default applies unless it says otherwise.
-        with trio.move_on_after(LOOKUP_TIMEOUT):
-            try:
-                found = await self.docker.inspect_network(network_id) or {}
-                if explicit_multicast(found.get("Options")) is None:
-                    record = self._switch_multicast_on(network_id) or record
-            except (DockerError, ValueError) as exc:
-                log.debug("network %s: multicast default not applied: %s", network_id[:12], exc)
-        return record
+        if not known and self.docker is not None:
+            # Learned from Docker just now (our store lost it): what did the network itself say?
+            with trio.move_on_after(LOOKUP_TIMEOUT):
+                try:
+                    found = await self.docker.inspect_network(network_id) or {}
+                    self._remember(network_id, explicit_multicast(found.get("Options")))
+                except (DockerError, DriverError) as exc:
+                    log.debug("network %s: its multicast option is unknown: %s", network_id[:12], exc)
+        return self._sync_record(network_id) or record
 
-    def _switch_multicast_on(self, network_id: str) -> NetworkRecord | None:
+    def _sync_record(self, network_id: str) -> NetworkRecord | None:
+        """The stored record with the multicast flag this network has now (for Join and status)."""
         record = self.networks.get(network_id)
-        if record is None or record.multicast:
-            return record
-        record = replace(record, multicast=True)
-        self.networks.put(record)
-        log.info(
-            "network %s: multicast on (WEAVE_MULTICAST; the network sets no %s)", network_id[:12], MULTICAST_OPTION
-        )
+        if record is None:
+            return None
+        multicast = self._resolved(network_id)
+        if record.multicast != multicast:
+            record = replace(record, multicast=multicast)
+            self.networks.put(record)
+            if network_id not in self.explicit:
+                log.info("network %s: multicast %s (WEAVE_MULTICAST)", network_id[:12], "on" if multicast else "off")
         return record
 
 
@@ -115,7 +155,6 @@ class V2PluginService(PluginService):
         self.swarm = swarm
         driver = V2NetworkDriver(
             ref,
-            "global",
             self.networks,
             docker=self.docker,
             on_peer=on_peer,
