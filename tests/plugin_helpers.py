@@ -3,8 +3,8 @@
 `PluginClient` speaks Docker's plugin protocol to a socket as dockerd does (POST, JSON, keep-alive).
 `DockerRouter` runs a real `weavenet launch --foreground` in the machine's own network namespace
 (where dockerd is), its sockets in a test directory that Docker finds through spec files in
-/etc/docker/plugins (`<name>.spec` → `unix://<socket>`), under driver and network names unique to
-the test (`wnt<6 hex>`). Everything it makes is removed again in `close()`, in the order Docker
+/etc/docker/plugins (`<name>.spec` → `unix://<socket>`), under fixed test driver and network names
+(`wnt000000…`, see STABLE_TAG) and a fixed socket directory. Everything it makes is removed again in `close()`, in the order Docker
 needs: containers, then networks (the plugin must still answer), then the router, then the spec
 files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
 FORWARD chain) if it did not exist before. `sweep_docker()` does the same for runs that died.
@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +39,12 @@ from weavenet.config import HttpAddress
 WEAVENET = str(Path(sys.executable).with_name("weavenet"))
 SPEC_DIR = Path("/etc/docker/plugins")
 PREFIX = "wnt"  # every Docker object and spec file a plugin test makes starts with this
+# Docker never forgets a legacy driver name it has used (each costs `docker swarm leave` 15 s once
+# its plugin is gone), and it caches a plugin's socket address with its name. So every test run
+# uses the same driver names and the same socket directory: tests that run a router in the
+# machine's namespace are serialised by ROOT_NAMESPACE_LOCK anyway.
+STABLE_TAG = f"{PREFIX}000000"
+STABLE_PLUGIN_DIR = Path("/run/weavenet-test/plugins")
 BUSYBOX = Path("/bin/busybox")
 DOCKER = shutil.which("docker") or "docker"
 # A router in the machine's namespace owns the bridge `weave` and the TAP `weave-dp` there; a second
@@ -264,12 +269,12 @@ class DockerRouter:
     """A weavenet router serving the plugin to the machine's dockerd, under test-unique names."""
 
     def __init__(self, workdir: Path, *, tag: str | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.tag = tag or f"{PREFIX}{secrets.token_hex(3)}"
+        self.tag = tag or STABLE_TAG
         self.workdir = workdir
         self.mesh = f"{self.tag}mesh"  # weavemesh's stand-in
         self.glob = f"{self.tag}glob"  # weave's stand-in
         self.network = f"{self.tag}-weave"  # the automatic `weave` network's stand-in
-        self.plugin_dir = workdir / "plugins"
+        self.plugin_dir = STABLE_PLUGIN_DIR if self.tag == STABLE_TAG else workdir / "plugins"
         self.state_dir = workdir / "state"
         self.api_socket = workdir / "api.sock"
         self.port = free_port()
