@@ -2,11 +2,11 @@
 
 `PluginClient` speaks Docker's plugin protocol to a socket as dockerd does (POST, JSON, keep-alive).
 `DockerRouter` runs a real `weavenet launch --foreground` in the machine's own network namespace
-(where dockerd is), its sockets in a test directory that Docker finds through spec files in
+(where dockerd is), its sockets in a fixed directory that Docker finds through spec files in
 /etc/docker/plugins (`<name>.spec` → `unix://<socket>`), under fixed test driver and network names
-(`wnt000000…`, see STABLE_TAG) and a fixed socket directory. Everything it makes is removed again in `close()`, in the order Docker
-needs: containers, then networks (the plugin must still answer), then the router, then the spec
-files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
+(`wnt000000…`, see STABLE_TAG). Everything it makes is removed again in `close()`, in the order
+Docker needs: containers, then networks (the plugin must still answer), then the router, then the
+spec files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
 FORWARD chain) if it did not exist before. `sweep_docker()` does the same for runs that died.
 `RootLink` joins that router's namespace (the machine's own) to a lab host for cross-host tests.
 Only one router may run in the machine's namespace at a time: `RootNamespaceLock` serialises them.
