@@ -6,16 +6,13 @@ Used by tests/test_ipam_*.py. Everything runs in one trio run under the test's d
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
 
-import pytest
 import trio
 
-from tests.mesh_harness import Mesh
+from tests.mesh_harness import Mesh, harness_scenario
 from weavenet.config import IpallocInit
 from weavenet.ipam.allocator import Allocator, IpamTimings
 from weavenet.mesh.router import MeshTimings, Router
@@ -87,38 +84,10 @@ class Cluster(Mesh):
         return self.name(j) in self.routers[i].connected_peers()
 
 
-def scenario(timeout: float = 30.0) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
-    """Run an async test body under trio with a deadline, handing it a fresh `Cluster`."""
-
-    def wrap(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        def run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-            caplog.set_level(logging.INFO, logger="weavenet")
-
-            async def main() -> None:
-                with trio.fail_after(timeout):
-                    async with trio.open_nursery() as nursery:
-                        cluster = Cluster(nursery, tmp_path)
-                        await fn(cluster, caplog)
-                        nursery.cancel_scope.cancel()
-                for store in cluster.stores.values():
-                    store.close()
-
-            trio.run(main)
-
-        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-        return run
-
-    return wrap
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
-    """Wait until `check()` holds; returns how long it took. Fails with `what` on timeout."""
-    start = trio.current_time()
-    with trio.move_on_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
-        return trio.current_time() - start
-    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+scenario = harness_scenario(
+    lambda nursery, tmp_path, caplog: Cluster(nursery, tmp_path), default_timeout=30.0, with_caplog=True
+)
+"""`@scenario(timeout)`: the test body gets a fresh `Cluster` and pytest's caplog."""
 
 
 def ring_view(allocator: Allocator) -> list[tuple[int, int, int]]:

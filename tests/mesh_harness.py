@@ -21,26 +21,39 @@ from weavenet.store import Store
 FAST = MeshTimings.fast()
 
 
-def scenario(timeout: float = 20.0) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
-    """Run an async test body under trio with a deadline, handing it a fresh `Mesh`."""
+TestBody = Callable[..., Coroutine[Any, Any, None]]
 
-    def wrap(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        def run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-            caplog.set_level(logging.INFO, logger="weavenet")
 
-            async def main() -> None:
-                with trio.fail_after(timeout):
-                    async with trio.open_nursery() as nursery:
-                        mesh = Mesh(nursery, tmp_path, caplog)
-                        await fn(mesh)
-                        nursery.cancel_scope.cancel()
+def harness_scenario(
+    make: Callable[[trio.Nursery, Path, pytest.LogCaptureFixture], Any], *, default_timeout: float, with_caplog: bool
+) -> Callable[..., Callable[[TestBody], Callable[..., None]]]:
+    """A decorator factory: run an async test body under trio with a deadline, handing it a fresh
+    harness from `make` (and pytest's caplog if `with_caplog`); the harness's stores are closed after."""
 
-            trio.run(main)
+    def scenario(
+        timeout: float = default_timeout,
+    ) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
+        def wrap(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+            def run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+                caplog.set_level(logging.INFO, logger="weavenet")
 
-        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-        return run
+                async def main() -> None:
+                    with trio.fail_after(timeout):
+                        async with trio.open_nursery() as nursery:
+                            harness = make(nursery, tmp_path, caplog)
+                            await (fn(harness, caplog) if with_caplog else fn(harness))
+                            nursery.cancel_scope.cancel()
+                    for store in harness.stores.values():
+                        store.close()
 
-    return wrap
+                trio.run(main)
+
+            run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+            return run
+
+        return wrap
+
+    return scenario
 
 
 def free_port(host: str) -> int:
@@ -97,7 +110,7 @@ class Mesh:
         return self.routers[i]
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 8.0) -> float:
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
     """Wait until `check()` holds; returns how long it took. Fails with `what` on timeout."""
     start = trio.current_time()
     with trio.move_on_after(timeout):
@@ -105,3 +118,7 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 8.0)
             await trio.sleep(0.01)
         return trio.current_time() - start
     raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+
+scenario = harness_scenario(Mesh, default_timeout=20.0, with_caplog=False)
+"""`@scenario(timeout)`: the test body gets a fresh `Mesh`."""

@@ -130,8 +130,8 @@ def capture(host: Host, path: Path) -> LabProcess:
         ],
         name=f"tcpdump-{path.stem}",
     )
+    # tcpdump writes the pcap header only once the capture is active: a non-empty file means it is.
     wait_until(lambda: path.exists() and path.stat().st_size > 0, timeout=10, message="tcpdump to start")
-    time.sleep(0.3)
     return process
 
 

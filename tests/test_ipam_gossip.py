@@ -10,7 +10,8 @@ import msgpack
 import pytest
 import trio
 
-from tests.ipam_cluster import Cluster, eventually, ring_view, scenario
+from tests.ipam_cluster import Cluster, ring_view, scenario
+from tests.mesh_harness import eventually
 from weavenet._fastdp import Ring
 from weavenet.ipam import wire
 from weavenet.ipam.consensus import Claims, ProposalId

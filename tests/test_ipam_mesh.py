@@ -13,7 +13,8 @@ from ipaddress import IPv4Interface, IPv4Network
 import pytest
 import trio
 
-from tests.ipam_cluster import Cluster, all_addresses, eventually, ring_view, scenario
+from tests.ipam_cluster import Cluster, all_addresses, ring_view, scenario
+from tests.mesh_harness import eventually
 from weavenet.ipam.errors import IpamError
 
 

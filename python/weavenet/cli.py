@@ -15,10 +15,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from weavenet import __version__
-from weavenet.api.client import ApiClient, ApiUnreachable
+from weavenet.api.client import ApiClient, ApiResponse, ApiUnreachable
 from weavenet.config import (
     DEFAULT_HTTP_ADDR,
     ConfigError,
@@ -58,6 +59,18 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def _check(response_status: int, body: str, what: str) -> None:
     if response_status >= 400:
         raise CliError(f"{what} failed: {body.strip() or f'HTTP {response_status}'}")
+
+
+def _call(
+    args: argparse.Namespace, method: str, path: str, what: str, *, timeout: float = 10.0, **options: Any
+) -> ApiResponse:
+    """One API request; an unreachable router or an error status becomes a one-line CliError."""
+    try:
+        reply = _client(args, timeout=timeout).request(method, path, **options)
+    except ApiUnreachable as exc:
+        raise CliError(str(exc)) from None
+    _check(reply.status, reply.text, what)
+    return reply
 
 
 # --- launch / stop / reset ---
@@ -214,23 +227,14 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    client = _client(args)
     path = "/status" if not args.view else f"/status/{args.view}"
-    try:
-        reply = client.request("GET", path, accept_json=args.json)
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "status")
+    reply = _call(args, "GET", path, "status", accept_json=args.json)
     sys.stdout.write(reply.text)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        reply = _client(args).request("GET", "/report", accept_json=True)
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "report")
+    reply = _call(args, "GET", "/report", "report", accept_json=True)
     sys.stdout.write(reply.text)
     return 0
 
@@ -239,30 +243,18 @@ def cmd_connect(args: argparse.Namespace) -> int:
     form: list[tuple[str, str]] = [("peer", p) for p in args.peers]
     if args.replace:
         form.append(("replace", "true"))
-    try:
-        reply = _client(args).request("POST", "/connect", form=form)
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "connect")
+    _call(args, "POST", "/connect", "connect", form=form)
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    try:
-        reply = _client(args).request("POST", "/forget", form=[("peer", p) for p in args.peers])
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "forget")
+    _call(args, "POST", "/forget", "forget", form=[("peer", p) for p in args.peers])
     return 0
 
 
 def _post_addresses(args: argparse.Namespace, path: str, form: list[tuple[str, str]], what: str) -> int:
     form += [("addr", a) for a in getattr(args, "addrs", [])]
-    try:
-        reply = _client(args).request("POST", path, form=form)
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, what)
+    reply = _call(args, "POST", path, what, form=form)
     if reply.text.strip():
         print(reply.text.strip())
     return 0
@@ -291,11 +283,7 @@ def cmd_hide(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     from weavenet.net.containers import ps_line
 
-    try:
-        reply = _client(args).request("GET", "/ps", accept_json=True)
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "ps")
+    reply = _call(args, "GET", "/ps", "ps", accept_json=True)
     for row in reply.json():
         if args.targets and not any(row["ID"].startswith(t) for t in args.targets):
             continue
@@ -304,23 +292,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rmpeer(args: argparse.Namespace) -> int:
-    client = _client(args, timeout=IPAM_TIMEOUT)
     for peer in args.peers:
-        try:
-            reply = client.request("DELETE", f"/peer/{quote(peer, safe='')}")
-        except ApiUnreachable as exc:
-            raise CliError(str(exc)) from None
-        _check(reply.status, reply.text, f"rmpeer {peer}")
+        reply = _call(args, "DELETE", f"/peer/{quote(peer, safe='')}", f"rmpeer {peer}", timeout=IPAM_TIMEOUT)
         print(reply.text.strip())
     return 0
 
 
 def cmd_prime(args: argparse.Namespace) -> int:
-    try:
-        reply = _client(args, timeout=IPAM_TIMEOUT + 5).request("GET", f"/ring?timeout={IPAM_TIMEOUT:g}")
-    except ApiUnreachable as exc:
-        raise CliError(str(exc)) from None
-    _check(reply.status, reply.text, "prime")
+    _call(args, "GET", f"/ring?timeout={IPAM_TIMEOUT:g}", "prime", timeout=IPAM_TIMEOUT + 5)
     return 0
 
 
