@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -183,10 +184,11 @@ def docker_lines(*args: str) -> list[str]:
     return [line for line in docker(*args).stdout.splitlines() if line.strip()]
 
 
-def import_busybox(image: str) -> None:
-    """A 2 MB image from the machine's busybox-static: there is no registry to pull from."""
-    rootfs = Path(f"/tmp/{image}-rootfs")
-    shutil.rmtree(rootfs, ignore_errors=True)
+def import_busybox(image: str, *, docker: tuple[str, ...] = (DOCKER,)) -> None:
+    """A 2 MB image from the machine's busybox-static: there is no registry to pull from.
+    `docker` is the CLI command line (with -H for a daemon other than the machine's)."""
+    rootfs = Path(tempfile.mkdtemp(prefix="wnt-busybox-rootfs-"))
+    rootfs.chmod(0o755)  # the image's / (mkdtemp makes it 0700)
     try:
         for sub in ("bin", "etc", "proc", "sys", "dev", "tmp"):
             (rootfs / sub).mkdir(parents=True)
@@ -196,7 +198,7 @@ def import_busybox(image: str) -> None:
             if applet != "busybox":
                 (rootfs / "bin" / applet).symlink_to("busybox")
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run([DOCKER, "import", "-", image], stdin=tar.stdout, capture_output=True, text=True)
+        imported = subprocess.run([*docker, "import", "-", image], stdin=tar.stdout, capture_output=True, text=True)
         tar.wait()
         if imported.returncode != 0:
             raise AssertionError(f"docker import failed: {imported.stderr.strip()}")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_store import ETCD, ClusterStoreLab, StoreHost, dockerd_version, sweep_cluster_store_labs
+from tests.cluster_store import ETCD, ClusterStoreLab, StoreHost
+from tests.docker_hosts import dockerd_version
 from tests.plugin_helpers import wait_for
 from tests.prereq import missing
 
@@ -40,7 +41,7 @@ def store_lab(tmp_path: Path) -> Iterator[ClusterStoreLab]:
         missing("etcd (Debian package etcd-server)")
     if not Path("/bin/busybox").exists():
         missing("/bin/busybox (Debian package busybox-static)")
-    sweep_cluster_store_labs()
+    ClusterStoreLab.sweep()
     lab = ClusterStoreLab()
     try:
         with lab:

@@ -1,0 +1,189 @@
+"""The managed (V2) plugin across a real two-node swarm: peers come from the swarm, services span hosts.
+
+Two Docker daemons of our own (tests/swarm_lab.py: manager a, worker b, each in its own
+namespaces, the plugin enabled on both with no peer configured); the machine's dockerd is never
+touched. The routers find each other only through the swarm (the manager's /nodes, the worker's
+RemoteManagers); a global service's tasks on the two hosts, and an attachable container, ping each
+other across the underlay through the routers' datapaths (this network has no other path: no
+overlay driver, no routes between the hosts' bridges). Node changes are followed both ways, and a
+plugin restarted while its node left the swarm drops the swarm's old peer at once (Weave Net's
+stale-peer bug: it only asked Docker on its very first start).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.docker_hosts import DOCKERD, IMAGE, dockerd_version
+from tests.plugin_helpers import BUSYBOX, wait_for
+from tests.prereq import missing
+from tests.swarm_lab import PLUGIN, SwarmLab, SwarmNode
+
+pytestmark = [pytest.mark.docker, pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(900)]
+
+FOLLOW = 40.0  # seconds for a node change to reach the routers (the follower looks every 10 s)
+
+
+@pytest.fixture(scope="module")
+def swarm_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmLab]:
+    if dockerd_version() is None or not Path(DOCKERD).exists():
+        missing("dockerd (Debian package docker.io)")
+    if not BUSYBOX.exists():
+        missing("/bin/busybox (Debian package busybox-static)")
+    SwarmLab.sweep()
+    lab = SwarmLab()
+    try:
+        with lab:
+            print("\nswarm lab up in {:.1f}s: {}".format(
+                lab.setup_seconds, ", ".join(f"{k} {v:.1f}s" for k, v in lab.timings.items())
+            ))  # fmt: skip
+            try:
+                yield lab
+            finally:
+                lab.keep_logs(tmp_path_factory.mktemp("swarm-lab"))  # the lab's own directory goes at close
+    except BaseException:
+        print(lab.logs())
+        raise
+
+
+def network_name(lab: SwarmLab, suffix: str) -> str:
+    return f"{lab.tag}-{suffix}"
+
+
+def tasks_on(node: SwarmNode, service: str) -> list[str]:
+    out = node.docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={service}").stdout
+    return out.split()
+
+
+def address(node: SwarmNode, container: str, network: str) -> str:
+    template = '{{(index .NetworkSettings.Networks "' + network + '").IPAddress}}'
+    return node.docker("inspect", "-f", template, container).stdout.strip()
+
+
+def pings(node: SwarmNode, container: str, ip: str) -> bool:
+    return node.docker("exec", container, "ping", "-c", "1", "-W", "2", ip, check=False).returncode == 0
+
+
+def test_the_routers_find_each_other_through_the_swarm(swarm_lab: SwarmLab) -> None:
+    manager, worker = swarm_lab.manager, swarm_lab.worker
+    for node in (manager, worker):
+        assert node.report()["Plugin"]["V2"]["Name"] == PLUGIN
+    # the manager knows every ready node (/nodes); the worker knows the managers (/info)
+    wait_for(
+        lambda: manager.swarm_peers() == [swarm_lab.mesh_target(worker)],
+        timeout=FOLLOW,
+        what="the manager's router to take the worker from the swarm",
+    )
+    wait_for(
+        lambda: worker.swarm_peers() == [swarm_lab.mesh_target(manager)],
+        timeout=FOLLOW,
+        what="the worker's router to take the manager from the swarm",
+    )
+    wait_for(lambda: manager.established_with() == {worker.address}, timeout=30, what="the mesh between the nodes")
+    assert worker.established_with() == {manager.address}
+    for node in (manager, worker):
+        assert node.report()["Plugin"]["V2"]["Swarm"]["State"] == "active"
+
+
+def test_a_global_service_spans_both_hosts_and_its_tasks_ping_across(swarm_lab: SwarmLab) -> None:
+    manager, worker = swarm_lab.manager, swarm_lab.worker
+    net = network_name(swarm_lab, "net")
+    service = network_name(swarm_lab, "svc")
+    manager.docker("network", "create", "-d", PLUGIN, "--attachable", net)
+    try:
+        manager.docker(
+            "service", "create", "--detach", "--no-resolve-image", "--stop-grace-period", "1s", "--init",
+            "--endpoint-mode", "dnsrr", "--mode", "global", "--name", service, "--network", net,
+            IMAGE, "sleep", "600",
+        )  # fmt: skip
+        on_manager, on_worker = (
+            wait_for(
+                lambda node=node: tasks_on(node, service),
+                timeout=90,
+                interval=0.5,
+                what=f"a task of {service} on {node.name}: "
+                + manager.docker("service", "ps", "--no-trunc", service, check=False).stdout[-800:],
+            )[0]
+            for node in (manager, worker)
+        )
+        ip_manager, ip_worker = address(manager, on_manager, net), address(worker, on_worker, net)
+        assert ip_manager and ip_worker and ip_manager != ip_worker
+        began = time.monotonic()
+        wait_for(lambda: pings(manager, on_manager, ip_worker), timeout=30, what="the tasks to reach each other")
+        print(f"\nfirst cross-host ping between tasks: {time.monotonic() - began:.2f}s")
+        assert pings(worker, on_worker, ip_manager)
+
+        # an attachable container on the worker reaches the task on the manager
+        client = network_name(swarm_lab, "client")
+        worker.docker("run", "-d", "--init", "--name", client, "--network", net, IMAGE, "sleep", "600")
+        assert pings(worker, client, ip_manager)
+        assert pings(manager, on_manager, address(worker, client, net))
+
+        # the bytes crossed the underlay through the datapath: cut it and the ping stops
+        for node in (manager, worker):
+            node.inside("iptables", "-I", "INPUT", "-i", "ul0", "-p", "udp", "--dport", "6783", "-j", "DROP")
+        try:
+            wait_for(
+                lambda: not pings(manager, on_manager, ip_worker),
+                timeout=30,
+                what="the ping to fail with the datapath's port cut",
+            )
+        finally:
+            for node in (manager, worker):
+                node.inside("iptables", "-D", "INPUT", "-i", "ul0", "-p", "udp", "--dport", "6783", "-j", "DROP")
+        wait_for(lambda: pings(manager, on_manager, ip_worker), timeout=60, what="the ping to return once healed")
+    finally:
+        manager.docker("service", "rm", service, check=False)
+        worker.docker("rm", "-f", network_name(swarm_lab, "client"), check=False)
+        for node in (manager, worker):
+            wait_for(lambda node=node: not tasks_on(node, service), timeout=60, what=f"the tasks to go on {node.name}")
+        wait_for(
+            lambda: manager.docker("network", "rm", net, check=False).returncode == 0,
+            timeout=30,
+            interval=1,
+            what=f"network {net} to be removable",
+        )
+
+
+def test_node_changes_are_followed_and_a_restart_drops_stale_swarm_peers(swarm_lab: SwarmLab) -> None:
+    manager, worker = swarm_lab.manager, swarm_lab.worker
+    wait_for(lambda: worker.established_with() == {manager.address}, timeout=FOLLOW, what="the mesh to be up")
+
+    # The worker's plugin is down while its node leaves the swarm: what it persisted (the manager
+    # as a swarm peer) is stale when it starts again, and that first look must drop it.
+    worker.disable_plugin()
+    worker.docker("swarm", "leave", "--force", timeout=120)
+    assert worker.swarm_state() == "inactive"
+    worker.enable_plugin()
+    wait_for(
+        lambda: worker.report()["Plugin"]["V2"]["Swarm"]["State"] == "inactive",
+        timeout=FOLLOW,
+        what="the restarted plugin to look at the swarm",
+    )
+    assert worker.swarm_peers() == []
+    assert swarm_lab.mesh_target(manager) not in worker.targets()
+
+    # The manager sees the worker's node go down and forgets it too
+    wait_for(
+        lambda: manager.swarm_peers() == [] and swarm_lab.mesh_target(worker) not in manager.targets(),
+        timeout=FOLLOW + 30,  # + the manager's heartbeat timeout for the node to be marked down
+        what="the manager's router to forget the node that left",
+    )
+
+    # Joining again is followed on both sides, without a restart, and the mesh comes back
+    swarm_lab.join(worker)
+    wait_for(
+        lambda: worker.swarm_peers() == [swarm_lab.mesh_target(manager)],
+        timeout=FOLLOW,
+        what="the worker's router to take the manager again",
+    )
+    wait_for(
+        lambda: manager.swarm_peers() == [swarm_lab.mesh_target(worker)],
+        timeout=FOLLOW,
+        what="the manager's router to take the rejoined worker",
+    )
+    wait_for(lambda: manager.established_with() == {worker.address}, timeout=30, what="the mesh to return")
