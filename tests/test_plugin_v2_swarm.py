@@ -68,21 +68,22 @@ def pings(node: SwarmNode, container: str, ip: str) -> bool:
     return node.docker("exec", container, "ping", "-c", "1", "-W", "2", ip, check=False).returncode == 0
 
 
+def wait_for_each_other(lab: SwarmLab) -> None:
+    """Until each node's router has exactly the other node as its swarm peer."""
+    for node, other in ((lab.manager, lab.worker), (lab.worker, lab.manager)):
+        wait_for(
+            lambda node=node, other=other: node.swarm_peers() == [lab.mesh_target(other)],
+            timeout=FOLLOW,
+            what=f"{node.name}'s router to take {other.name} from the swarm",
+        )
+
+
 def test_the_routers_find_each_other_through_the_swarm(swarm_lab: SwarmLab) -> None:
     manager, worker = swarm_lab.manager, swarm_lab.worker
     for node in (manager, worker):
         assert node.report()["Plugin"]["V2"]["Name"] == PLUGIN
     # the manager knows every ready node (/nodes); the worker knows the managers (/info)
-    wait_for(
-        lambda: manager.swarm_peers() == [swarm_lab.mesh_target(worker)],
-        timeout=FOLLOW,
-        what="the manager's router to take the worker from the swarm",
-    )
-    wait_for(
-        lambda: worker.swarm_peers() == [swarm_lab.mesh_target(manager)],
-        timeout=FOLLOW,
-        what="the worker's router to take the manager from the swarm",
-    )
+    wait_for_each_other(swarm_lab)
     wait_for(lambda: manager.established_with() == {worker.address}, timeout=30, what="the mesh between the nodes")
     assert worker.established_with() == {manager.address}
     for node in (manager, worker):
@@ -176,14 +177,5 @@ def test_node_changes_are_followed_and_a_restart_drops_stale_swarm_peers(swarm_l
 
     # Joining again is followed on both sides, without a restart, and the mesh comes back
     swarm_lab.join(worker)
-    wait_for(
-        lambda: worker.swarm_peers() == [swarm_lab.mesh_target(manager)],
-        timeout=FOLLOW,
-        what="the worker's router to take the manager again",
-    )
-    wait_for(
-        lambda: manager.swarm_peers() == [swarm_lab.mesh_target(worker)],
-        timeout=FOLLOW,
-        what="the manager's router to take the rejoined worker",
-    )
+    wait_for_each_other(swarm_lab)
     wait_for(lambda: manager.established_with() == {worker.address}, timeout=30, what="the mesh to return")
