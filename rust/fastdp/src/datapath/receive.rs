@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use super::crypto::{OpenError, RxCipher};
 use super::fdb::Mac;
 use super::offload::Coalescer;
-use super::send::SendThread;
+use super::send::{SendThread, Waiter};
 use super::stats::{add, Drop, PeerStats};
 use super::sys::{poll_readable, EventFd};
 use super::tap::Tap;
@@ -45,6 +45,8 @@ struct RxPeer {
 pub struct ReceiveThread {
     /// The send thread's state, to `poke` after delivering request-like traffic.
     send: Arc<Mutex<SendThread>>,
+    /// The send thread's wait set, to mute the TAP while this thread answers itself.
+    send_waiter: Arc<Waiter>,
     shared: Arc<Shared>,
     tap: Arc<Tap>,
     udp: Arc<Udp>,
@@ -64,6 +66,7 @@ impl ReceiveThread {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         send: Arc<Mutex<SendThread>>,
+        send_waiter: Arc<Waiter>,
         shared: Arc<Shared>,
         tap: Arc<Tap>,
         udp: Arc<Udp>,
@@ -74,6 +77,7 @@ impl ReceiveThread {
     ) -> ReceiveThread {
         ReceiveThread {
             send,
+            send_waiter,
             shared,
             tap,
             udp,
@@ -93,6 +97,8 @@ impl ReceiveThread {
         let fds = [self.udp.as_raw_fd(), self.wake.as_raw_fd()];
         let mut batch = RecvBatch::new(RECV_BATCH);
         let mut spin_until = Instant::now();
+        // Our own handle on the send thread's state, so its guard can live across `&mut self` calls.
+        let send = self.send.clone();
         while !self.shared.shutdown.load(Relaxed) {
             let spinning = Instant::now() < spin_until;
             let timeout = if spinning {
@@ -113,13 +119,26 @@ impl ReceiveThread {
                 continue;
             }
             spin_until = Instant::now() + self.shared.spin;
+            // A few small datagrams after a quiet spell (a ping, an RPC): the local stack answers
+            // within our TAP write, so this thread sends the answer itself (`SendThread::poke`) if
+            // the send thread is idle. In request/response traffic it takes the send thread's lock
+            // and mutes the TAP before the writes, so the answer does not also wake the send
+            // thread (see `Waiter`).
             let mut request_like = false;
+            let mut poke = None;
             for round in 0..RECV_ROUNDS {
                 let n = self.udp.recv_batch(&mut batch).unwrap_or_default();
                 self.now_ns = self.shared.now_ns().max(1);
                 if round == 0 {
                     let bytes: usize = batch.lens[..n].iter().sum();
                     request_like = (1..=POKE_MAX_DATAGRAMS).contains(&n) && bytes <= POKE_MAX_BYTES;
+                    poke = request_like
+                        .then(|| send.try_lock().ok())
+                        .flatten()
+                        .filter(|s| s.request_response());
+                    if poke.is_some() {
+                        self.send_waiter.mute_tap(true);
+                    }
                 }
                 for i in 0..n {
                     self.handle_message(&mut batch, i);
@@ -127,17 +146,18 @@ impl ReceiveThread {
                 if n < RECV_BATCH {
                     break;
                 }
-                request_like = false;
             }
             self.flush_tap();
-            // A few small datagrams after a quiet spell (a ping, an RPC): the answer is probably in
-            // the TAP already. Send it from here if the send thread is idle (asleep in poll).
-            let mut poked = false;
-            if request_like {
-                if let Ok(mut send) = self.send.try_lock() {
-                    send.poke();
-                    poked = true;
-                }
+            let muted = poke.is_some();
+            if request_like && !muted {
+                poke = send.try_lock().ok();
+            }
+            let poked = poke.is_some();
+            if let Some(mut send) = poke {
+                send.poke(muted);
+            }
+            if muted {
+                self.send_waiter.mute_tap(false);
             }
             if self.queued_work && !poked {
                 self.send_wake.notify();

@@ -5,8 +5,9 @@
 //! receive thread hands over (relays, re-floods, control replies) and runs the timers: heartbeats,
 //! liveness, PMTU probes and MAC ageing.
 //!
-//! Never blocks on anything but poll (and briefly on a full socket buffer). All sealing state lives
-//! in `SendThread`, behind one mutex that only this thread and the receive thread's `poke` take.
+//! Never blocks on anything but its `Waiter` (and briefly on a full socket buffer). All sealing
+//! state lives in `SendThread`, behind one mutex that only this thread and the receive thread's
+//! `poke` take.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,7 +26,7 @@ use super::peer::{
     TxPeer, HEARTBEAT_DOWN, HEARTBEAT_UP, PEER_TIMEOUT, PMTU_RESEARCH, PMTU_TRIES, PMTU_WAIT,
 };
 use super::stats::{add, get, Drop};
-use super::sys::{poll_readable, EventFd};
+use super::sys::{Epoll, EventFd};
 use super::tap::Tap;
 use super::udp::{Outgoing, SendScratch, SockAddr, Udp, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 use super::{Cmd, Event, Routes, Shared, TxWork};
@@ -38,10 +39,43 @@ const TAP_BATCH: usize = 128;
 /// Frames a poke from the receive thread reads at most: enough for an answer, never a bulk
 /// transfer's worth of work on the receive thread.
 const POKE_FRAMES: usize = 4;
+/// With the TAP muted, a poke reads one frame (the answer) and not a second one to find the TAP
+/// empty: unmuting hands any rest to this thread.
+const MUTED_POKE_FRAMES: usize = 1;
+/// A last flush of at most this many bytes means request/response traffic, not a bulk transfer.
+const SMALL_FLUSH_BYTES: usize = 2048;
 /// Flush earlier when this many bytes are queued.
 const FLUSH_BYTES: usize = 1 << 20;
 const TICK: Duration = Duration::from_millis(100);
 const STP: Mac = [0x01, 0x80, 0xc2, 0x00, 0x00, 0x00];
+
+/// What the send thread sleeps on: the TAP (token 0) and its wake-up eventfd (token 1).
+///
+/// In request/response traffic the receive thread mutes the TAP while it delivers a request and
+/// sends the answer itself (`SendThread::poke`): otherwise the answer the local stack puts in the
+/// TAP also wakes this thread, and with two runnable threads on its CPU the peer's next wake-up
+/// goes to another, idle CPU, which on a VM means an IPI to a halted vCPU (tens of µs per round
+/// trip). Not in bulk transfers: there this thread working in parallel with the receive thread's
+/// TAP writes (ACKs that release more data) is worth more than one wake-up.
+pub struct Waiter {
+    epoll: Epoll,
+    tap: Arc<Tap>,
+}
+
+impl Waiter {
+    pub fn new(tap: Arc<Tap>, wake: &EventFd) -> io::Result<Waiter> {
+        let epoll = Epoll::new()?;
+        epoll.add(tap.as_raw_fd(), 0)?;
+        epoll.add(wake.as_raw_fd(), 1)?;
+        Ok(Waiter { epoll, tap })
+    }
+
+    /// Stop (true) or resume (false) waking the send thread for TAP input. Resuming wakes it at
+    /// once if frames arrived meanwhile, so nothing waits for the next event.
+    pub fn mute_tap(&self, muted: bool) {
+        self.epoll.set_muted(self.tap.as_raw_fd(), 0, muted);
+    }
+}
 
 pub struct SendThread {
     shared: Arc<Shared>,
@@ -60,6 +94,8 @@ pub struct SendThread {
     icmp_buf: Vec<u8>,
     scratch: SendScratch,
     queued_bytes: usize,
+    /// Bytes the last flush that sent anything sent (see `SMALL_FLUSH_BYTES`).
+    last_flush_bytes: usize,
     next_tick: Instant,
     next_expire: Instant,
     /// The time at the top of this loop iteration (one clock read per batch, not per frame).
@@ -106,6 +142,7 @@ impl SendThread {
             icmp_buf: Vec::new(),
             scratch: SendScratch::default(),
             queued_bytes: 0,
+            last_flush_bytes: 0,
             next_tick: now,
             next_expire: now + Duration::from_secs(30),
             now,
@@ -115,12 +152,9 @@ impl SendThread {
     }
 
     /// The thread body. The state sits behind a mutex only so the receive thread can `poke` it
-    /// while this thread sleeps in poll; the lock is not held while waiting for input.
-    pub fn run(state: Arc<Mutex<SendThread>>) {
-        let Ok((fds, shared)) = state
-            .lock()
-            .map(|s| ([s.tap.as_raw_fd(), s.wake.as_raw_fd()], s.shared.clone()))
-        else {
+    /// while this thread sleeps in `waiter`; the lock is not held while waiting for input.
+    pub fn run(state: Arc<Mutex<SendThread>>, waiter: Arc<Waiter>) {
+        let Ok(shared) = state.lock().map(|s| s.shared.clone()) else {
             return;
         };
         let mut spin_until = Instant::now();
@@ -133,7 +167,7 @@ impl SendThread {
             } else {
                 next_tick.saturating_duration_since(now)
             };
-            let ready = match poll_readable(fds, timeout) {
+            let ready = match waiter.epoll.wait(timeout) {
                 Ok(r) => r,
                 Err(_) => {
                     std::thread::sleep(Duration::from_millis(10));
@@ -161,15 +195,27 @@ impl SendThread {
     /// Do whatever is waiting, without blocking. The receive thread calls this right after it
     /// delivered request-like traffic: when the local stack answered within the TAP write, the
     /// answer leaves at once instead of after this thread's wake-up (one less hop of latency per
-    /// round trip, like a single-threaded daemon). On the 2-core lab VM that is about a third of
-    /// pings (`sent_inline`); otherwise this thread, woken by the answer, gets there first.
-    pub fn poke(&mut self) {
+    /// round trip, like a single-threaded daemon; `sent_inline` counts them). When the TAP is not
+    /// muted, this thread, woken by the answer, may get there first.
+    /// `muted`: the receive thread muted the TAP in our `Waiter` (and unmutes it afterwards).
+    pub fn poke(&mut self, muted: bool) {
         let before = get(&self.shared.stats.tap_rx_frames);
-        self.step(POKE_FRAMES);
+        let frames = if muted {
+            MUTED_POKE_FRAMES
+        } else {
+            POKE_FRAMES
+        };
+        self.step(frames);
         add(
             &self.shared.stats.sent_inline,
             get(&self.shared.stats.tap_rx_frames) - before,
         );
+    }
+
+    /// Whether traffic is request/response-like (the last flush was small), so that muting the
+    /// TAP for a poke costs no parallelism.
+    pub fn request_response(&self) -> bool {
+        self.last_flush_bytes <= SMALL_FLUSH_BYTES
     }
 
     /// One round of work: commands, work from the receive thread, up to `tap_frames` frames from
@@ -611,6 +657,7 @@ impl SendThread {
                 stats.drop(Drop::SendError, n as u64);
                 failed.push((peer, size, e.raw_os_error().unwrap_or(0)));
             });
+            self.last_flush_bytes = items.iter().map(|it| it.data.len()).sum();
             let datagrams: usize = meta.iter().map(|m| m.1).sum();
             add(&stats.udp_tx_datagrams, datagrams as u64);
             add(

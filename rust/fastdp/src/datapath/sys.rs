@@ -1,4 +1,5 @@
-//! Small safe wrappers over the syscalls the datapath threads share: eventfd wake-ups and poll.
+//! Small safe wrappers over the syscalls the datapath threads share: eventfd wake-ups, poll and
+//! epoll.
 //!
 //! Never blocks longer than asked; every `unsafe` block states why it is sound.
 
@@ -79,6 +80,67 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> io::
         return Err(e);
     }
     Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
+}
+
+/// A level-triggered epoll set whose members are named by small tokens (0..N). Unlike poll, the
+/// interest lives in the kernel, so another thread can mute a member (`set_muted`): while muted,
+/// its readiness wakes nobody; unmuting wakes the waiter at once if the fd became readable.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nothing else.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: passes a live epoll_event; the kernel only reads it.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) }).map(|_| ())
+    }
+
+    /// Watch `fd` for input, reported as `token`.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, libc::EPOLLIN as u32)
+    }
+
+    /// Mute or unmute a member added with `token` (any thread may call this).
+    pub fn set_muted(&self, fd: RawFd, token: u64, muted: bool) {
+        let events = if muted { 0 } else { libc::EPOLLIN as u32 };
+        // Cannot fail for a member of a live set; were it to, the fd would merely stay as it was.
+        let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, token, events);
+    }
+
+    /// Wait until a member is readable or `timeout` passes; returns which tokens (< N) were ready.
+    pub fn wait<const N: usize>(&self, timeout: Duration) -> io::Result<[bool; N]> {
+        // SAFETY: epoll_event is plain data; zero is a valid value.
+        let mut evs: [libc::epoll_event; N] = unsafe { std::mem::zeroed() };
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `evs` is a live array of N epoll_event structs for the duration of the call.
+        let r = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), evs.as_mut_ptr(), N as i32, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok([false; N]);
+            }
+            return Err(e);
+        }
+        let mut ready = [false; N];
+        for ev in &evs[..r as usize] {
+            let token = ev.u64 as usize;
+            if token < N {
+                ready[token] = true;
+            }
+        }
+        Ok(ready)
+    }
 }
 
 /// Wait until `fd` is writable, at most `timeout`.
