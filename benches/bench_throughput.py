@@ -422,7 +422,8 @@ def main() -> None:
     names = [n for n in os.environ.get("BENCH_SYSTEMS", ",".join(available())).split(",") if n]
     with Lab(hosts=2) as lab:
         print(report(run_all(lab, names)))
-        if shutil.which("fastd"):
+    if shutil.which("fastd"):
+        with Lab(hosts=2) as lab:  # a fresh lab: each system starts its processes once per lab
             print(report_rtt(measure_rtt_taking_turns(lab)))
 
 

@@ -300,7 +300,7 @@ impl Datapath {
         let (work_tx, work_rx): (SyncSender<TxWork>, Receiver<TxWork>) = mpsc::sync_channel(8192);
         let tx_wake = Arc::new(EventFd::new()?);
         let rx_wake = Arc::new(EventFd::new()?);
-        let waiter = Arc::new(send::Waiter::new(tap.clone(), &tx_wake)?);
+        let waiter = Arc::new(send::Waiter::new(tap.clone(), &tx_wake, rx_wake.clone())?);
         let sender = Arc::new(Mutex::new(send::SendThread::new(
             shared.clone(),
             tap.clone(),

@@ -3,7 +3,11 @@
 //! source MACs, coalesces TCP segments and writes frames to the TAP; frames for other peers and
 //! broadcasts to pass on, and replies to heartbeats and PMTU probes, go to the send thread.
 //!
-//! Never blocks on anything but poll; owns all opening state (keys, replay windows).
+//! In request/response traffic it also serves the TAP (the send thread's work, under its lock:
+//! see `send::Waiter`), so one thread carries a round trip as a single-threaded daemon would.
+//!
+//! Never blocks on anything but poll and, briefly, the send thread's lock; owns all opening state
+//! (keys, replay windows).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -94,7 +98,6 @@ impl ReceiveThread {
     }
 
     pub fn run(mut self) {
-        let fds = [self.udp.as_raw_fd(), self.wake.as_raw_fd()];
         let mut batch = RecvBatch::new(RECV_BATCH);
         let mut spin_until = Instant::now();
         // Our own handle on the send thread's state, so its guard can live across `&mut self` calls.
@@ -106,8 +109,16 @@ impl ReceiveThread {
             } else {
                 Duration::from_millis(500)
             };
-            let ready = poll_readable(fds, timeout).unwrap_or([false, false]);
-            if spinning && ready == [false, false] {
+            // poll ignores a negative fd: the TAP only while we hold it (see `Waiter`).
+            let holding_tap = self.send_waiter.receiver_reads_tap();
+            let tap_fd = if holding_tap {
+                self.tap.as_raw_fd()
+            } else {
+                -1
+            };
+            let fds = [self.udp.as_raw_fd(), self.wake.as_raw_fd(), tap_fd];
+            let ready = poll_readable(fds, timeout).unwrap_or([false; 3]);
+            if spinning && ready == [false; 3] {
                 std::thread::yield_now();
                 continue;
             }
@@ -115,6 +126,14 @@ impl ReceiveThread {
                 self.wake.clear();
             }
             self.apply_commands();
+            if ready[2] {
+                if let Ok(mut s) = send.lock() {
+                    s.serve_tap();
+                    if !s.request_response() {
+                        self.send_waiter.give_tap_to_sender();
+                    }
+                }
+            }
             if !ready[0] {
                 continue;
             }
@@ -126,6 +145,7 @@ impl ReceiveThread {
             // thread (see `Waiter`).
             let mut request_like = false;
             let mut poke = None;
+            let mut muted_here = false;
             for round in 0..RECV_ROUNDS {
                 let n = self.udp.recv_batch(&mut batch).unwrap_or_default();
                 self.now_ns = self.shared.now_ns().max(1);
@@ -136,7 +156,9 @@ impl ReceiveThread {
                         .then(|| send.try_lock().ok())
                         .flatten()
                         .filter(|s| s.request_response());
-                    if poke.is_some() {
+                    // Read under the lock: only the send thread, holding it, hands us the TAP.
+                    muted_here = poke.is_some() && !self.send_waiter.receiver_reads_tap();
+                    if muted_here {
                         self.send_waiter.mute_tap(true);
                     }
                 }
@@ -156,7 +178,7 @@ impl ReceiveThread {
             if let Some(mut send) = poke {
                 send.poke(muted);
             }
-            if muted {
+            if muted_here {
                 self.send_waiter.mute_tap(false);
             }
             if self.queued_work && !poked {
