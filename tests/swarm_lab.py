@@ -13,10 +13,11 @@ routers have to find each other through the swarm.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
-from tests.docker_hosts import DOCKERD_FLAGS, DockerHost, DockerHostsLab, run, wait_for, weavenet_json
+from tests.docker_hosts import DOCKERD_FLAGS, DockerHost, DockerHostsLab, wait_for, weavenet_json
 from weavenet.plugin.v2.build import write_folder
 
 PLUGIN = "wntv2/net-plugin:swarm"
@@ -114,7 +115,7 @@ class SwarmLab(DockerHostsLab):
             (self.workdir / node.name / "state").mkdir(mode=0o700)
             node.docker("plugin", "set", PLUGIN, f"state.source={node.state_dir}")
             self.timings[f"plugin enable on {node.name}"] = node.enable_plugin()
-        run("rm", "-rf", str(folder))
+        shutil.rmtree(folder)
         began = time.monotonic()
         self.manager.docker("swarm", "init", "--advertise-addr", self.manager.address)
         self.join(self.worker)

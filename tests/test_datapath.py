@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +66,23 @@ class Node:
     container: Container
 
 
+def open_node(
+    host: Host, mtu: int, closing: list[Datapath] | None = None, *, container_mtu: int | None = None, **open_args: Any
+) -> Node:
+    """A bridge on `host`, the datapath's TAP on it and one container on it (`ethwe0`, overlay_ip).
+    The datapath goes into `closing` as soon as it is open."""
+    host.add_bridge(BRIDGE)
+    datapath = host.call(lambda: Datapath.open(TAP, PORT, mtu, peer_id(host), **open_args))
+    if closing is not None:
+        closing.append(datapath)
+    # The TAP takes any frame size: oversize packets must reach the datapath to be answered.
+    host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
+    container = host.add_container("c")
+    host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=container_mtu or mtu)
+    container.add_address("ethwe0", f"{overlay_ip(host)}/24")
+    return Node(host, datapath, container)
+
+
 def build(
     lab: Lab,
     keys: tuple[DataKeys | None, DataKeys | None] = (None, None),
@@ -75,16 +92,7 @@ def build(
     """Two hosts with a bridge, the datapath's TAP on it and one container each, peered directly."""
     encrypted = keys[0] is not None
     mtu = datapath_overlay_mtu(lab.mtu, encrypted)
-    nodes = []
-    for host in lab.hosts[:2]:
-        host.add_bridge(BRIDGE)
-        datapath = host.call(lambda host=host: Datapath.open(TAP, PORT, mtu, peer_id(host)))
-        # The TAP takes any frame size: oversize packets must reach the datapath to be answered.
-        host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
-        container = host.add_container("c")
-        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=container_mtu or mtu)
-        container.add_address("ethwe0", f"{overlay_ip(host)}/24")
-        nodes.append(Node(host, datapath, container))
+    nodes = [open_node(host, mtu, container_mtu=container_mtu) for host in lab.hosts[:2]]
     for node, other, key in ((nodes[0], nodes[1], keys[0]), (nodes[1], nodes[0], keys[1])):
         node.datapath.set_peer(peer_id(other.host), other.host.address, PORT, key)
         node.datapath.set_routes({peer_id(other.host): peer_id(other.host)}, [peer_id(other.host)])
@@ -142,6 +150,8 @@ def udp_payloads(path: Path) -> list[tuple[str, bytes]]:
     offset = 24
     while offset + 16 <= len(data):
         _, _, caplen, _ = struct.unpack_from("<IIII", data, offset)
+        if offset + 16 + caplen > len(data):
+            break  # tcpdump is still writing this record
         packet = data[offset + 16 : offset + 16 + caplen]
         offset += 16 + caplen
         if len(packet) < 42 or packet[12:14] != b"\x08\x00":
@@ -152,6 +162,22 @@ def udp_payloads(path: Path) -> list[tuple[str, bytes]]:
         source = socket.inet_ntoa(packet[26:30])
         out.append((source, packet[14 + ihl + 8 :]))
     return out
+
+
+def tx_datagrams(node: Node, other: Node) -> int:
+    return int(node.datapath.stats()["peers"][peer_id(other.host)]["tx_datagrams"])
+
+
+def captured_from(pcap: Path, sender: Node, receiver: Node, sent_before: int) -> list[bytes]:
+    """The sender's UDP payloads in the capture, once it holds every datagram the sender's datapath
+    counted as sent to `receiver` since it counted `sent_before` (tcpdump writes asynchronously)."""
+    sent = tx_datagrams(sender, receiver) - sent_before
+
+    def payloads() -> list[bytes] | None:
+        found = [payload for source, payload in udp_payloads(pcap) if source == sender.host.address]
+        return found if len(found) >= sent else None
+
+    return wait_until(payloads, timeout=5, message=f"the capture to hold the {sent} datagrams sent")
 
 
 def send_canary(src: Container, dst: Container, dst_ip: str) -> bytes | None:
@@ -188,10 +214,11 @@ def test_plain_ping_crosses_and_is_counted(lab: Lab, closing: list[Datapath]) ->
     # And the plaintext is visible on the underlay in plain mode (this is what encryption hides).
     pcap = lab.workdir / "plain.pcap"
     dump = capture(b.host, pcap)
+    sent_before = tx_datagrams(a, b)
     assert send_canary(a.container, b.container, overlay_ip(b.host)) == CANARY
-    time.sleep(0.3)
+    captured = captured_from(pcap, a, b, sent_before)
     dump.stop()
-    assert any(CANARY in payload for _, payload in udp_payloads(pcap))
+    assert any(CANARY in payload for payload in captured)
 
 
 def test_encrypted_traffic_hides_plaintext_and_refuses_replays(lab: Lab, closing: list[Datapath]) -> None:
@@ -202,10 +229,10 @@ def test_encrypted_traffic_hides_plaintext_and_refuses_replays(lab: Lab, closing
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     pcap = lab.workdir / "encrypted.pcap"
     dump = capture(b.host, pcap)
+    sent_before = tx_datagrams(a, b)
     assert send_canary(a.container, b.container, overlay_ip(b.host)) == CANARY
-    time.sleep(0.3)
+    captured = captured_from(pcap, a, b, sent_before)
     dump.stop()
-    captured = [payload for source, payload in udp_payloads(pcap) if source == a.host.address]
     assert captured, "the capture saw our datagrams"
     assert not any(CANARY in payload for payload in captured)
 
@@ -291,16 +318,7 @@ def build_line(lab: Lab, closing: list[Datapath], *, container_mtu: int | None =
     lab.cut(a, c)
     mtu = datapath_overlay_mtu(lab.mtu, True)
     keys = {(x.label, y.label): handshake() for x, y in ((a, b), (b, c))}
-    nodes = {}
-    for host in (a, b, c):
-        host.add_bridge(BRIDGE)
-        datapath = host.call(lambda host=host: Datapath.open(TAP, PORT, mtu, peer_id(host)))
-        closing.append(datapath)
-        host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
-        container = host.add_container("c")
-        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=container_mtu or mtu)
-        container.add_address("ethwe0", f"{overlay_ip(host)}/24")
-        nodes[host.label] = Node(host, datapath, container)
+    nodes = {host.label: open_node(host, mtu, closing, container_mtu=container_mtu) for host in (a, b, c)}
     da, db, dc = (nodes[h.label].datapath for h in (a, b, c))
     ia, ib, ic = (peer_id(h) for h in (a, b, c))
     da.set_peer(ib, b.address, PORT, keys[a.label, b.label][0])
@@ -358,17 +376,7 @@ def test_path_mtu_is_discovered_and_enforced(lab: Lab, closing: list[Datapath]) 
     reports it, and from then on too-big packets get ICMP answers instead of being lost."""
     jumbo = 9000
     encrypted = handshake()
-    nodes = []
-    for host in lab.hosts[:2]:
-        host.add_bridge(BRIDGE)
-        datapath = host.call(lambda host=host: Datapath.open(TAP, PORT, jumbo, peer_id(host)))
-        closing.append(datapath)
-        host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
-        container = host.add_container("c")
-        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=jumbo)
-        container.add_address("ethwe0", f"{overlay_ip(host)}/24")
-        nodes.append(Node(host, datapath, container))
-    a, b = nodes
+    a, b = (open_node(host, jumbo, closing) for host in lab.hosts[:2])
     a.datapath.set_peer(peer_id(b.host), b.host.address, PORT, encrypted[0])
     b.datapath.set_peer(peer_id(a.host), a.host.address, PORT, encrypted[1])
     for node, other in ((a, b), (b, a)):
@@ -441,18 +449,9 @@ def test_ipv6_underlay(lab: Lab, closing: list[Datapath]) -> None:
     """The underlay may be IPv6: the socket binds `::` and peers are IPv6 addresses."""
     keys = handshake()
     mtu = datapath_overlay_mtu(lab.mtu, True, ipv6_underlay=True)
-    nodes = []
     for host in lab.hosts[:2]:
         host.run(["ip", "-6", "addr", "add", f"fd00:251::{host.number}/64", "dev", host.interface, "nodad"])
-        host.add_bridge(BRIDGE)
-        datapath = host.call(lambda host=host: Datapath.open(TAP, PORT, mtu, peer_id(host), bind_addr="::"))
-        closing.append(datapath)
-        host.set_link(TAP, master=BRIDGE, mtu=65000, up=True)
-        container = host.add_container("c")
-        host.add_veth_to(container, "vethc", "ethwe0", bridge=BRIDGE, mtu=mtu)
-        container.add_address("ethwe0", f"{overlay_ip(host)}/24")
-        nodes.append(Node(host, datapath, container))
-    a, b = nodes
+    a, b = (open_node(host, mtu, closing, bind_addr="::") for host in lab.hosts[:2])
     a.datapath.set_peer(peer_id(b.host), f"fd00:251::{b.host.number}", PORT, keys[0])
     b.datapath.set_peer(peer_id(a.host), f"fd00:251::{a.host.number}", PORT, keys[1])
     for node, other in ((a, b), (b, a)):

@@ -9,6 +9,7 @@ checked against a socket that speaks as dockerd does. Under the real dockerd: te
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,15 @@ def test_a_destroyed_container_gives_back_what_it_held_and_a_reopened_stream_cat
     assert follower.opened == 2 and follower.freed == 2
 
 
+async def serve_unix(nursery: trio.Nursery, path: Path, serve: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
+    """A stand-in dockerd on the unix socket `path` (the real one cannot be made to answer like
+    this on purpose): `serve` answers each connection."""
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(str(path))
+    listener.listen()
+    nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+
+
 def test_the_event_stream_is_read_line_by_line_as_docker_sends_it(tmp_path: Path):
     """DockerClient.follow against a unix socket that streams chunked JSON lines, as dockerd does."""
     path = tmp_path / "docker.sock"
@@ -346,11 +356,8 @@ def test_the_event_stream_is_read_line_by_line_as_docker_sends_it(tmp_path: Path
         await stream.aclose()
 
     async def main() -> None:
-        listener = trio.socket.socket(trio.socket.AF_UNIX)
-        await listener.bind(str(path))
-        listener.listen()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+            await serve_unix(nursery, path, serve)
             opened: list[bool] = []
 
             async def handle(value: Any) -> None:
@@ -377,11 +384,8 @@ def test_a_refused_event_stream_is_an_error_naming_dockers_message(tmp_path: Pat
         await stream.aclose()
 
     async def main() -> None:
-        listener = trio.socket.socket(trio.socket.AF_UNIX)
-        await listener.bind(str(path))
-        listener.listen()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
+            await serve_unix(nursery, path, serve)
 
             async def handle(value: Any) -> None:
                 raise AssertionError("no value expected")

@@ -38,6 +38,7 @@ import pytest
 from tests.plugin_helpers import BUSYBOX, ROOT_NAMESPACE_LOCK, docker, import_busybox, wait_for
 from tests.prereq import missing
 from weavenet.plugin.v2.build import DaemonLog
+from weavenet.plugin.v2.config_json import SETTINGS
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -502,18 +503,9 @@ def test_every_setting_takes_effect(plugin: Plugin, swarm: Swarm, image: str) ->
         assert multicast_device(on_default) is not None
         on_off = run_attached(plugin, image, "mc-b", off)
         assert multicast_device(on_off) is None
-        remove_everything(plugin.tag)
     finally:
         remove_everything(plugin.tag)
-        plugin.reconfigure(
-            WEAVE_PASSWORD="",
-            WEAVE_MTU="",
-            WEAVE_MULTICAST="",
-            IPALLOC_RANGE="10.32.0.0/12",
-            LOG_LEVEL="info",
-            EXTRA_ARGS="",
-            WEAVE_PEERS="",
-        )
+        plugin.reconfigure(**{setting.name: setting.default for setting in SETTINGS})
     assert "Encryption: disabled" in weavenet("status").stdout
 
 
