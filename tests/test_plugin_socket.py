@@ -270,3 +270,32 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_never_taken(lab: Lab, tmp_
     assert second.returncode != 0
     assert "is served by another process" in second.stderr + second.stdout
     assert mesh.answers()
+
+
+def test_endpoints_docker_gave_up_on_while_the_plugin_was_down_are_removed_at_start(lab: Lab):
+    """A container removed while no plugin answers: Docker drops its Leave/DeleteEndpoint after 15 s of
+    retries and moves the container end back here under its own name. The next start removes that pair;
+    an endpoint whose container end is in a container stays."""
+    (host,) = lab.hosts
+    router, mesh, _ = start_router(host)
+    create_network(mesh, NID, None)
+    live, dead = EID, "e" + EID[1:]  # the veth names keep the first 9 characters
+    container = host.add_container("c1")
+    for endpoint_id in (live, dead):
+        mesh.ok("NetworkDriver.CreateEndpoint", endpoint(NID, endpoint_id))
+        mesh.ok("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": endpoint_id, "SandboxKey": "", "Options": {}})
+    with host.iproute() as ipr:  # what Docker does at Join: the container end into the container, renamed
+        (index,) = ipr.link_lookup(ifname="vethwg" + live[:9])
+        ipr.link("set", index=index, net_ns_fd=container.name, ifname="ethwe0")
+    router.process.kill()  # SIGTERM; the dead endpoint's container goes while the plugin is down
+    router.process.wait()
+    assert {"vethwl" + dead[:9], "vethwg" + dead[:9]} <= set(links(host))
+
+    router.process.restart()
+    router.wait_ready()
+    wait_for(mesh.answers, timeout=10, what="weavemesh.sock after restart")
+    after = links(host)
+    assert "vethwl" + dead[:9] not in after and "vethwg" + dead[:9] not in after
+    assert after["vethwl" + live[:9]]["master"] == "weave" and "ethwe0" in container.links()
+    report = router.report()
+    assert report is not None and report["Plugin"]["Pruned"]["Endpoints"] == 1

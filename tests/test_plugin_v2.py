@@ -6,6 +6,13 @@ in a swarm already; left again only if we joined it), `docker network create -d 
 `docker plugin set` of each setting, a bad IPALLOC_RANGE, disable/enable, a killed plugin that
 Docker restarts, and `docker plugin rm` leaving nothing behind but the state directory.
 
+Docker counts the plugin's users (+1 for each local copy of a network of it, -1 when the copy is
+deleted) and drops a release that arrives while the plugin is disabled, for good (see
+weavenet.plugin.v2.lifecycle). In swarm mode the node deletes its copy after `docker network rm`
+has returned, so nothing here disables the plugin until Docker has logged the copy's destroy
+event (remove_everything); only the last test leaks a reference, on purpose, to show what
+`weavenet plugin remove` does about it.
+
 Only one router can own the `weave` bridge, the TAP and ports 6783/6784 in the host's network
 namespace, and the plugin's router is such a router. So the module holds an flock on
 tests.plugin_helpers.ROOT_NAMESPACE_LOCK and first waits until no other weavenet router runs in this
@@ -39,6 +46,7 @@ from tests.plugin_helpers import BUSYBOX, ROOT_NAMESPACE_LOCK, docker, import_bu
 from tests.prereq import missing
 from weavenet.plugin.v2.build import DaemonLog
 from weavenet.plugin.v2.config_json import SETTINGS
+from weavenet.plugin.v2.lifecycle import STALE_REASON
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -155,6 +163,7 @@ class Plugin:
     build_seconds: float
     enable_seconds: float
     log: DaemonLog = field(default_factory=DaemonLog.find)
+    since: float = field(default_factory=time.time)  # Docker events of this module's networks start here
 
     @property
     def ident(self) -> str:
@@ -235,7 +244,7 @@ def plugin(host: None) -> Iterator[Plugin]:
         print(f"plugin enabled in {the_plugin.enable_seconds:.1f}s")
         yield the_plugin
     finally:
-        remove_everything(tag)
+        remove_everything(the_plugin)
         docker("plugin", "disable", "-f", name, check=False)
         docker("plugin", "rm", "-f", name, check=False)
 
@@ -257,10 +266,10 @@ class Swarm:
     joined: bool
     gwbridge_before: bool
 
-    def leave(self, tag: str) -> None:
+    def leave(self, plugin: Plugin) -> None:
         """Leave if we joined: before the plugin goes, because Docker keeps a removed managed
         plugin's driver registered and makes every later swarm leave wait 15 s on it."""
-        remove_everything(tag)
+        remove_everything(plugin)
         if not self.joined:
             return
         began = time.monotonic()
@@ -295,7 +304,7 @@ def swarm(plugin: Plugin) -> Iterator[Swarm]:
         )
         yield the_swarm
     finally:
-        the_swarm.leave(plugin.tag)
+        the_swarm.leave(plugin)
 
 
 def lines(*args: str) -> list[str]:
@@ -303,8 +312,10 @@ def lines(*args: str) -> list[str]:
     return [line for line in docker(*args, check=False).stdout.splitlines() if line.strip()]
 
 
-def remove_everything(tag: str) -> None:
-    """Services (waiting for their tasks to go), containers, then networks named <tag>…"""
+def remove_everything(plugin: Plugin) -> None:
+    """Services (waiting for their tasks to go), containers, networks named <tag>…, and then Docker's
+    local copies of them: only once those are destroyed may the plugin be disabled (module docstring)."""
+    tag = plugin.tag
     services = [s for s in lines("service", "ls", "--format", "{{.Name}}") if s.startswith(tag)]
     if services:
         docker("service", "rm", *services, check=False)
@@ -324,6 +335,31 @@ def remove_everything(tag: str) -> None:
             interval=1,
             what=f"network {net} to be removable",
         )
+    wait_for(
+        lambda: not local_copies(plugin),
+        timeout=90,  # a copy Docker deletes while the plugin is disabled waits ~15 s per dead-driver call
+        interval=0.5,
+        what=f"Docker to destroy its local copies of our networks (there were: {local_copies(plugin)})",
+    )
+
+
+def local_copies(plugin: Plugin) -> list[str]:
+    """Networks of the plugin this daemon made a local copy of and has not yet destroyed, from its
+    events: Docker logs `destroy` right after it releases the copy's reference on the plugin."""
+    result = docker(
+        "events", "--since", f"{plugin.since:.3f}", "--until", f"{time.time():.3f}", "--filter", "type=network",
+        "--format", "{{json .}}",
+    )  # fmt: skip
+    alive: dict[str, str] = {}
+    for event in (json.loads(line) for line in result.stdout.splitlines() if line.strip()):
+        actor = event.get("Actor", {})
+        if actor.get("Attributes", {}).get("type") != plugin.name:
+            continue
+        if event.get("Action") == "create":
+            alive[actor["ID"]] = actor["Attributes"].get("name", actor["ID"])
+        elif event.get("Action") == "destroy":
+            alive.pop(actor["ID"], None)
+    return sorted(alive.values())
 
 
 def task_containers(tag: str) -> list[str]:
@@ -442,7 +478,7 @@ def test_a_swarm_service_and_an_attachable_container_ping_each_other(plugin: Plu
     for task, ip in zip(tasks, ips, strict=True):
         assert any(line.startswith(task[:12]) and f"{ip}/" in line for line in ps.splitlines()), ps
     assert wait_for(lambda: report()["Plugin"]["V2"]["Swarm"]["State"] == "active", timeout=30, what="swarm seen")
-    remove_everything(plugin.tag)
+    remove_everything(plugin)
 
 
 def test_disable_enable_and_a_killed_plugin_keep_the_network_usable(plugin: Plugin, swarm: Swarm, image: str) -> None:
@@ -470,7 +506,7 @@ def test_disable_enable_and_a_killed_plugin_keep_the_network_usable(plugin: Plug
     assert pings(after_restart, ips[1])
     # every start asks the swarm again
     assert wait_for(lambda: report()["Plugin"]["V2"]["Swarm"]["State"] == "active", timeout=30, what="swarm seen")
-    remove_everything(plugin.tag)
+    remove_everything(plugin)
 
 
 def test_every_setting_takes_effect(plugin: Plugin, swarm: Swarm, image: str) -> None:
@@ -504,7 +540,7 @@ def test_every_setting_takes_effect(plugin: Plugin, swarm: Swarm, image: str) ->
         on_off = run_attached(plugin, image, "mc-b", off)
         assert multicast_device(on_off) is None
     finally:
-        remove_everything(plugin.tag)
+        remove_everything(plugin)
         plugin.reconfigure(**{setting.name: setting.default for setting in SETTINGS})
     assert "Encryption: disabled" in weavenet("status").stdout
 
@@ -551,36 +587,53 @@ def test_a_bad_ipalloc_range_fails_enable_and_says_why(plugin: Plugin) -> None:
         plugin.enable()
 
 
-def disable_once_unused(plugin: Plugin) -> None:
-    """Disable without -f. Docker counts a network's use of the plugin until its local copy of a swarm network
-    is deleted, which the node's agent does after `network rm` has returned: so wait for the count to drop."""
-    refusals: list[str] = []
+def test_disabling_waits_for_docker_and_a_reference_docker_leaked_is_forced_with_the_reason(
+    plugin: Plugin, swarm: Swarm, image: str
+) -> None:
+    """`weavenet plugin disable` right after the networks went needs no -f: this module never lets Docker
+    drop a release. Then the leak a user can cause (a swarm network's local copy deleted while the plugin
+    is disabled): Docker says "in use" for good, and `weavenet plugin disable` says why and forces."""
+    net = create_network(plugin, "quick")
+    client = run_attached(plugin, image, "quick", net)
+    docker("rm", "-f", client)
+    docker("network", "rm", net)  # returns before Docker deletes its local copy: the command waits for that
+    quick = weavenet("plugin", "disable", "--name", plugin.name)
+    assert quick.stdout.strip() == f"plugin {plugin.name} disabled", quick.stdout
+    assert not local_copies(plugin), "disabled before Docker had destroyed its copy"
+    plugin.enable()
 
-    def disabled() -> bool:
-        result = docker("plugin", "disable", plugin.name, check=False)
-        if result.returncode != 0:
-            refusals.append(result.stderr.strip())
-        return result.returncode == 0
-
-    try:
-        wait_for(disabled, timeout=30, interval=0.5, what="Docker to count the plugin as unused")
-    except AssertionError:
-        # No network of ours is left (checked before), so the count Docker keeps is stale: its own bookkeeping,
-        # which a daemon restart also loses (moby#29544). What this test is about is our clean-up: go on with -f.
-        print(f"\nDocker still refused to disable with no network of ours left: {refusals[-1]}; using -f")
-        docker("plugin", "disable", "-f", plugin.name)
-    if refusals:
-        print(f"\nDocker said 'in use' {len(refusals)}x before it let the plugin go: {refusals[0]}")
+    leaky = create_network(plugin, "leak")
+    client = run_attached(plugin, image, "leak", leaky)
+    mark = plugin.log.mark()
+    plugin.disable()  # -f: the network is in use
+    began = time.monotonic()
+    docker("rm", "-f", client, timeout=120)  # Docker tries the disabled plugin's Leave, DeleteEndpoint ~15 s each
+    wait_for(lambda: not local_copies(plugin), timeout=120, interval=0.5, what="Docker to destroy the leak's copy")
+    print(f"\nDocker deleted the network's copy with the plugin disabled in {time.monotonic() - began:.1f}s")
+    dropped = [line for line in plugin.log.lines_since(mark) if "Error handling plugin refcount operation" in line]
+    if plugin.log.path is not None:  # the daemon's log says it dropped the release
+        assert dropped and "found but disabled" in dropped[0], "Docker did not log the dropped release"
+    plugin.enable()
+    docker("network", "rm", leaky)
+    assert not lines("network", "ls", "--filter", f"driver={plugin.name}", "--format", "{{.Name}}")
+    refused = docker("plugin", "disable", plugin.name, check=False)
+    assert refused.returncode != 0 and "in use" in refused.stderr, "Docker's count was expected to be stale"
+    forced = weavenet("plugin", "disable", "--name", plugin.name)
+    assert STALE_REASON in forced.stdout and "disabling with --force" in forced.stdout, forced.stdout
+    assert not plugin.enabled()
+    plugin.enable()
 
 
 def test_removing_the_plugin_leaves_only_the_state_directory(plugin: Plugin, swarm: Swarm) -> None:
-    """Last: the module's plugin goes. Networks and services are gone; the router tidies the host."""
-    swarm.leave(plugin.tag)
+    """Last: the module's plugin goes, the way a user removes it: networks and services gone, the swarm
+    left, `weavenet plugin remove`. If the test before ran, Docker still counts the reference it leaked on
+    purpose, and the command says so and forces; the router tidies the host either way."""
+    swarm.leave(plugin)
     assert plugin.enabled()
-    networks = ("network", "ls", "--filter", f"driver={plugin.name}", "--format", "{{.Name}}")
-    wait_for(lambda: not lines(*networks), timeout=30, what=f"our networks to go (there were: {lines(*networks)})")
-    disable_once_unused(plugin)
-    docker("plugin", "rm", plugin.name)
+    removed = weavenet("plugin", "remove", "--name", plugin.name)
+    print(f"\n{removed.stdout.strip()}")
+    assert removed.stdout.strip().endswith(f"plugin {plugin.name} removed (its state directory stays)")
+    assert docker("plugin", "inspect", plugin.name, check=False).returncode != 0
     assert our_links() == [], "bridge, TAP or veths left behind"
     assert our_chains() == [], "iptables chains left behind"
     assert (STATE_DIR / "weavenet.db").exists(), "the persisted state must stay"

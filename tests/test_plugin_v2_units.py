@@ -63,6 +63,18 @@ def test_only_declared_settings_can_be_set() -> None:
         build.check_settings(["HOST_ROOT=/x"])
 
 
+@pytest.mark.parametrize("bad", ["-1", "soon", "7200"])
+def test_plugin_disable_and_remove_refuse_a_bad_wait_in_one_line(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from weavenet.cli import main
+
+    for action in ("disable", "remove"):
+        with pytest.raises(SystemExit) as exited:
+            main(["plugin", action, f"--wait={bad}"])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"weavenet plugin {action}: argument --wait: '{bad}'") and "\n" not in err
+
+
 # --- the plugin's environment → settings ---
 
 

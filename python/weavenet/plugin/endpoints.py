@@ -103,6 +103,25 @@ def delete_endpoint(endpoint_id: str) -> bool:
     return delete_link(HOST_PREFIX + endpoint_id[:OLD_ID_CHARS])
 
 
+def sweep_abandoned() -> list[str]:
+    """Remove the veth pairs Docker gave up on while no plugin answered; returns their host ends.
+
+    A container removed while the plugin is down (or disabled) gets Docker's Leave and DeleteEndpoint
+    retried for 15 s each and then dropped; Docker moves the container end back out of the dead
+    sandbox under its own name, so the pair stays, both ends here, the host end on the bridge. Only
+    at start, before the sockets serve: then no CreateEndpoint of ours is waiting for its Join (one
+    answered by a process that died just before the Join fails that container's start cleanly).
+    A joined endpoint's container end is in the container, never here, so it is never touched."""
+    swept = []
+    with IPRoute() as ipr:
+        names = {str(link.get("IFLA_IFNAME")) for link in ipr.get_links()}
+    for name in sorted(names):
+        tail = name.removeprefix(HOST_PREFIX)
+        if tail != name and GUEST_PREFIX + tail in names and delete_link(name):
+            swept.append(name)
+    return swept
+
+
 def sandbox_has_route(sandbox_key: str, network: IPv4Network = MULTICAST_ROUTE) -> bool | None:
     """Does the container's namespace (Join's SandboxKey) already route `network`? None if unreadable."""
     if not sandbox_key or not os.path.exists(sandbox_key):

@@ -31,9 +31,8 @@ from weavenet.api.server import Request, Response, Router, serve_unix
 from weavenet.ipam.errors import IpamError
 from weavenet.net import bridge, firewall
 from weavenet.net.mtu import overlay_mtu
-from weavenet.plugin import docker_network, prune
+from weavenet.plugin import docker_network, endpoints, prune
 from weavenet.plugin.docker_api import DockerClient, DockerError
-from weavenet.plugin.endpoints import bridge_present
 from weavenet.plugin.ipam_driver import ANONYMOUS, Allocator, IpamDriver
 from weavenet.plugin.network_driver import NetworkDriver, PeerCallback
 from weavenet.plugin.options import BadRequest, DriverError, body_object
@@ -141,7 +140,7 @@ class PluginService:
         self.networks.load()
         self.book = AddressBook(store).load()
         self.prune_settle = prune.SETTLE
-        self.pruned = {"Containers": 0, "Addresses": 0}
+        self.pruned = {"Containers": 0, "Addresses": 0, "Endpoints": 0}
         self.watcher = ContainerWatcher(self.docker, allocator) if self.docker is not None else None
         self.calls: dict[str, CallStats] = {}
         self.names: dict[str, str] = {}  # network id → Docker name, refreshed from Docker
@@ -288,11 +287,20 @@ class PluginService:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise PluginError(f"cannot use plugin directory {self.directory}: {exc.strerror}") from None
-        if not bridge_present():
+        if not endpoints.bridge_present():
             try:
                 bridge.ensure_bridge(mtu=overlay_mtu(self.settings.mtu, encrypted=self.settings.encrypted))
             except bridge.PlumbingError as exc:
                 raise PluginError(f"cannot create the {bridge.BRIDGE_NAME} bridge: {exc}") from None
+        try:
+            swept = endpoints.sweep_abandoned()
+        except bridge.PlumbingError as exc:
+            log.warning("plugin: cannot remove endpoints Docker abandoned: %s", exc)
+            swept = []
+        if swept:
+            self.pruned["Endpoints"] += len(swept)
+            dropped = "Docker dropped their DeleteEndpoint while no plugin answered"
+            log.info("plugin: removed %s: %s", ", ".join(swept), dropped)
         try:
             firewall.allow_bridge_forwarding(bridge.BRIDGE_NAME)
         except firewall.FirewallError as exc:
