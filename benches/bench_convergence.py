@@ -32,20 +32,40 @@ TIMINGS = replace(
 )
 
 
+TIMEOUT = 120.0
+
+
 def converge(n: int, workdir: Path) -> None:
     state = workdir / f"run{next(_runs)}"
+    meshes: list[Mesh] = []
+
+    def complete(mesh: Mesh) -> int:
+        """How many routers have an established connection to every other."""
+        return sum(len(router.connected_peers()) == n - 1 for router in mesh.routers.values())
 
     async def main() -> None:
-        with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                mesh = Mesh(nursery, state)
-                await mesh.start(0, timings=TIMINGS)
-                for i in range(1, n):
-                    router = await mesh.start(i, timings=TIMINGS)
-                    await router.connect([mesh.addr(0)])
-                while not all(len(mesh[i].connected_peers()) == n - 1 for i in range(n)):
-                    await trio.sleep(0.005)
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    mesh = Mesh(nursery, state)
+                    meshes.append(mesh)
+                    await mesh.start(0, timings=TIMINGS)
+                    for i in range(1, n):
+                        router = await mesh.start(i, timings=TIMINGS)
+                        await router.connect([mesh.addr(0)])
+                    while complete(mesh) < n:
+                        await trio.sleep(0.005)
+                    nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            done = complete(meshes[0]) if meshes else 0
+            raise AssertionError(
+                f"timed out after {TIMEOUT:g}s waiting for {n} routers to form a full mesh "
+                f"({done} of {n} connected to all others)"
+            ) from None
+        finally:  # the routers have stopped by now; their sqlite files are closed before the rmtree
+            for mesh in meshes:
+                for store in mesh.stores.values():
+                    store.close()
 
     trio.run(main)
     shutil.rmtree(state, ignore_errors=True)

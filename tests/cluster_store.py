@@ -26,7 +26,12 @@ HOST_BODY = r"""
     --plugin-dir /run/docker/plugins --plugin-network "" --docker-api unix://$D/docker.sock \
     --log-level debug > $D/router.log 2>&1 &
 RPID=$!
-for i in $(seq 300); do [ -S /run/docker/plugins/weave.sock ] && break; sleep 0.1; done
+for i in $(seq 300); do   # up to 30 s for the router's plugin socket; dockerd activates it at start
+    [ -S /run/docker/plugins/weave.sock ] && break
+    kill -0 $RPID 2>/dev/null || { echo "the router exited before serving weave.sock: see router.log" >&2; exit 1; }
+    sleep 0.1
+done
+[ -S /run/docker/plugins/weave.sock ] || { echo "no weave.sock after 30 s: see router.log" >&2; exit 1; }
 "$DOCKERD" -H unix://$D/docker.sock FLAGS \
     --cluster-store=etcd://$KV:2379/$TAG --cluster-advertise=$ADDR:2376 \
     --cluster-store-opt discovery.heartbeat=2 --cluster-store-opt discovery.ttl=6 > $D/dockerd.log 2>&1 &

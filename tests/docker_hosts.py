@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tests.plugin_helpers import import_busybox, wait_for
+from tests.plugin_helpers import GiveUp, import_busybox, wait_for
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER_CLI = "/usr/bin/docker"  # the 20.10 CLI: the 28 one hides the cluster store in `docker info`
@@ -120,8 +121,13 @@ class DockerHost:
         children = run("pgrep", "-P", str(self.launcher.pid), check=False).stdout.split()
         return int(children[0]) if children else None
 
+    @property
+    def cli(self) -> tuple[str, ...]:
+        """The docker command line for this host's daemon."""
+        return (DOCKER_CLI, "-H", f"unix://{self.docker_socket}")
+
     def docker(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return run(DOCKER_CLI, "-H", f"unix://{self.docker_socket}", *args, check=check, timeout=timeout)
+        return run(*self.cli, *args, check=check, timeout=timeout)
 
     def inside(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command in this host's network and mount namespaces."""
@@ -131,7 +137,7 @@ class DockerHost:
 
     def ready(self) -> bool:
         if self.launcher is not None and self.launcher.poll() is not None:
-            raise AssertionError(f"host {self.name} exited: {self.logs()}")
+            raise GiveUp(f"host {self.name} exited: {self.logs()}")
         return self.docker_socket.exists() and self.docker("info", check=False, timeout=10).returncode == 0
 
     def logs(self) -> str:
@@ -168,7 +174,7 @@ class DockerHostsLab:
     HOST_CLASS: ClassVar[type[DockerHost]] = DockerHost
 
     def __init__(self, tag: str | None = None) -> None:
-        self.tag = tag or f"{self.PREFIX}{secrets.token_hex(2)}"
+        self.tag = tag or f"{self.PREFIX}{secrets.token_hex(4)}"
         self.workdir = Path(f"/tmp/{self.tag}")  # short: containerd's sockets live under it (max 104)
         self.hub = f"{self.tag}-hub"
         self.hub_address = f"{self.SUBNET}.254"
@@ -182,6 +188,7 @@ class DockerHostsLab:
         return self.a, self.b
 
     def __enter__(self) -> DockerHostsLab:
+        self._take_lock()  # outside the try: a lab another run holds must not be closed by us
         try:
             self.start()
         except BaseException:
@@ -210,10 +217,11 @@ class DockerHostsLab:
 
     def start(self) -> None:
         began = time.monotonic()
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock = open(LOCK_DIR / f"{self.tag}.lock", "w")  # noqa: SIM115 (held while the lab lives)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        if stale := [n for n in self._namespaces() if Path(f"/run/netns/{n}").exists()]:
+            raise AssertionError(f"namespaces {', '.join(stale)} of a dead lab {self.tag} exist: sweep() removes them")
+        shutil.rmtree(self.workdir, ignore_errors=True)  # a dead run's with this tag: we hold the tag's lock
+        self.workdir.mkdir(parents=True)
         (self.workdir / "host.sh").write_text(HOST_PRELUDE + self.HOST_BODY + HOST_EPILOGUE)
         for name in (self.hub, self.a.netns, self.b.netns):
             run("ip", "netns", "add", name)
@@ -234,32 +242,72 @@ class DockerHostsLab:
             host.start(self.host_env())
         for host in self.hosts:
             wait_for(host.ready, timeout=60, what=f"dockerd on host {host.name}", interval=0.2)
-            import_busybox(IMAGE, docker=(DOCKER_CLI, "-H", f"unix://{host.docker_socket}"))
+            import_busybox(IMAGE, docker=host.cli)
         self.after_start()
         self.setup_seconds = time.monotonic() - began
+
+    def _take_lock(self) -> None:
+        if self._lock is not None:
+            return
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        lock = open(LOCK_DIR / f"{self.tag}.lock", "w")  # noqa: SIM115 (held while the lab lives)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise AssertionError(f"lab {self.tag} is in use by another run") from None
+        self._lock = lock
 
     def hub_run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", self.hub, *argv, check=check)
 
+    def _namespaces(self) -> tuple[str, ...]:
+        return (self.a.netns, self.b.netns, self.hub)
+
     def close(self) -> None:
+        """Stop the hosts and the hub, kill what is left and wait until it is gone (a namespace or a
+        cgroup still in use cannot go), then remove namespaces, cgroups and the work dir. Tries
+        everything, then fails saying what stayed."""
+        problems: list[str] = []
         for host in self.hosts:
-            with contextlib.suppress(Exception):
+            try:
                 host.stop()
-        with contextlib.suppress(Exception):
+            except Exception as exc:
+                problems.append(f"stopping host {host.name}: {exc}")
+        try:
             self.stop_hub()
-        for name in (self.a.netns, self.b.netns, self.hub):
-            for pid in run("ip", "netns", "pids", name, check=False).stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            run("ip", "netns", "del", name, check=False)
-        for host in self.hosts:
-            for controller in Path("/sys/fs/cgroup").iterdir():
-                remove_cgroup(controller / f"{self.tag}-{host.name}")
+        except Exception as exc:
+            problems.append(f"stopping the hub: {exc}")
+        cgroups = [group for host in self.hosts for group in cgroup_dirs(f"{self.tag}-{host.name}")]
+
+        def processes() -> list[int]:
+            """The lab's processes: in its namespaces, or (containers, in namespaces of their own) its cgroups."""
+            pids = {int(pid) for name in self._namespaces() for pid in netns_pids(name)}
+            return sorted(pids | {pid for group in cgroups for pid in cgroup_pids(group)})
+
+        for pid in processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            wait_for(lambda: not processes(), timeout=30, what=lambda: f"the lab's processes to die: {processes()}")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        for name in self._namespaces():
+            if Path(f"/run/netns/{name}").exists():
+                deleted = run("ip", "netns", "del", name, check=False)
+                if deleted.returncode != 0:
+                    problems.append(f"ip netns del {name}: {deleted.stderr.strip()}")
+        for group in cgroups:
+            problems += remove_cgroup(group)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir.exists():
+            problems.append(f"{self.workdir} could not be removed")
         if self._lock is not None:
             (LOCK_DIR / f"{self.tag}.lock").unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
+        if problems:
+            raise AssertionError(f"lab {self.tag} not fully removed: " + "; ".join(problems))
 
     def logs(self) -> str:
         return "\n".join(host.logs() for host in self.hosts)
@@ -273,10 +321,13 @@ class DockerHostsLab:
 
     @classmethod
     def sweep(cls) -> list[str]:
-        """Remove what dead runs of this kind of lab left: namespaces `<PREFIX><4 hex>-…`, their
-        processes, cgroups and work dirs. A lab whose lock is held is alive and left alone."""
+        """Remove what dead runs of this kind of lab left: namespaces `<PREFIX><hex>-…`, their
+        processes, cgroups and work dirs /tmp/<PREFIX><hex>. A lab whose lock is held is alive and
+        left alone."""
+        tag = re.compile(rf"^{cls.PREFIX}[0-9a-f]{{4,8}}$")
         names = [line.split()[0] for line in run("ip", "netns", "list", check=False).stdout.splitlines() if line]
-        found = sorted({n.rsplit("-", 1)[0] for n in names if n.startswith(cls.PREFIX) and "-" in n})
+        tags = {n.rsplit("-", 1)[0] for n in names if "-" in n} | {p.name for p in Path("/tmp").iterdir()}
+        found = sorted(t for t in tags if tag.match(t))
         orphans = []
         for tag in found:
             lock_path = LOCK_DIR / f"{tag}.lock"
@@ -292,16 +343,41 @@ class DockerHostsLab:
         return orphans
 
 
-def remove_cgroup(cgroup: Path) -> None:
-    """An (emptied) cgroup directory and its children, deepest first."""
-    if not cgroup.is_dir():
-        return
-    for sub in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+def cgroup_dirs(name: str) -> list[Path]:
+    """Where dockerd's --cgroup-parent=/<name> made cgroups: /sys/fs/cgroup/<name> on cgroup v2 (one
+    hierarchy), <hierarchy>/<name> in each cgroup v1 hierarchy (and a hybrid host's unified one)."""
+    root = Path("/sys/fs/cgroup")
+    if not root.is_dir():
+        return []
+    candidates = [root / name] + [hierarchy / name for hierarchy in root.iterdir() if hierarchy.is_dir()]
+    return [group for group in candidates if group.is_dir()]
+
+
+def cgroup_pids(cgroup: Path) -> set[int]:
+    """The processes in a cgroup and its children."""
+    pids: set[int] = set()
+    for procs in [cgroup / "cgroup.procs", *cgroup.rglob("*/cgroup.procs")]:
+        with contextlib.suppress(OSError):
+            pids |= {int(pid) for pid in procs.read_text().split()}
+    return pids
+
+
+def netns_pids(name: str) -> list[str]:
+    return run("ip", "netns", "pids", name, check=False).stdout.split()
+
+
+def remove_cgroup(cgroup: Path) -> list[str]:
+    """An emptied cgroup directory and its children, deepest first; what could not be removed."""
+    problems: list[str] = []
+    for sub in sorted([cgroup, *cgroup.rglob("*")], key=lambda p: len(p.parts), reverse=True):
         if sub.is_dir():
-            with contextlib.suppress(OSError):
+            try:
                 sub.rmdir()
-    with contextlib.suppress(OSError):
-        cgroup.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"rmdir {sub}: {exc.strerror}")
+    return problems
 
 
 def weavenet_json(host: DockerHost, *args: str) -> Any:

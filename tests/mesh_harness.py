@@ -38,13 +38,16 @@ def harness_scenario(
                 caplog.set_level(logging.INFO, logger="weavenet")
 
                 async def main() -> None:
-                    with trio.fail_after(timeout):
-                        async with trio.open_nursery() as nursery:
-                            harness = make(nursery, tmp_path, caplog)
-                            await (fn(harness, caplog) if with_caplog else fn(harness))
-                            nursery.cancel_scope.cancel()
-                    for store in harness.stores.values():
-                        store.close()
+                    harness = None
+                    try:
+                        with trio.fail_after(timeout):
+                            async with trio.open_nursery() as nursery:
+                                harness = make(nursery, tmp_path, caplog)
+                                await (fn(harness, caplog) if with_caplog else fn(harness))
+                                nursery.cancel_scope.cancel()
+                    finally:  # a failed test's stores are closed too (its routers have stopped by now)
+                        for store in harness.stores.values() if harness is not None else ():
+                            store.close()
 
                 trio.run(main)
 
@@ -57,9 +60,18 @@ def harness_scenario(
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A TCP port free on `host` now, outside the kernel's ephemeral range: between this probe and
+    the routers' bind, no connect() anywhere on the machine can be given it as its local port."""
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    outside = [port for port in range(1024, 65536) if not low <= port <= high]
+    for port in random.sample(outside, min(100, len(outside))):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue  # someone (maybe on 0.0.0.0) has it
+            return port
+    raise RuntimeError(f"no free port on {host} outside the ephemeral range {low}-{high} (ip_local_port_range)")
 
 
 class Mesh:

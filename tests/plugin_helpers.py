@@ -7,7 +7,8 @@
 (`wnt000000…`, see STABLE_TAG). Everything it makes is removed again in `close()`, in the order
 Docker needs: containers, then networks (the plugin must still answer), then the router, then the
 spec files, and last what the test run created on the host (docker_gwbridge, the weave bridge, our
-FORWARD chain) if it did not exist before. `sweep_docker()` does the same for runs that died.
+iptables chains) if it did not exist before (an aborted run's counts as made: HostSnapshot).
+`sweep_docker()` does the same for runs that died. `NetworkEvents` records a daemon's network events.
 `RootLink` joins that router's namespace (the machine's own) to a lab host for cross-host tests.
 Only one router may run in the machine's namespace at a time: `RootNamespaceLock` serialises them.
 """
@@ -21,6 +22,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +38,7 @@ from typing import Any
 from tests.lab import Host
 from weavenet.api.client import ApiClient, ApiUnreachable, UnixHTTPConnection
 from weavenet.config import HttpAddress
+from weavenet.net import firewall
 
 WEAVENET = str(Path(sys.executable).with_name("weavenet"))
 SPEC_DIR = Path("/etc/docker/plugins")
@@ -159,22 +162,51 @@ class PluginClient:
             self._conn = None
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
+class GiveUp(AssertionError):
+    """Raised by a wait_for predicate when its condition can never hold (e.g. the process died)."""
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str | Callable[[], str], interval: float = 0.05
+) -> Any:
+    """Poll `predicate` until it returns something truthy (returned), checking once more at the deadline.
+
+    An exception from the predicate counts as "not yet" (Docker and the kernel answer mid-change) and is
+    reported with the timeout; GiveUp ends the wait at once. `what` may be a callable, evaluated only at
+    the deadline, to describe the state then."""
     deadline = time.monotonic() + timeout
+    error: Exception | None = None
     while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+        final = time.monotonic() >= deadline
+        try:
+            value = predicate()
+        except GiveUp:
+            raise
+        except Exception as exc:
+            error = exc
+        else:
+            error = None
+            if value:
+                return value
+        if final:
+            break
+        time.sleep(min(interval, max(deadline - time.monotonic(), 0.001)))
+    try:
+        described = what() if callable(what) else what
+    except Exception as exc:
+        described = f"(describing the wait failed: {exc!r})"
+    detail = f"; the last check raised {type(error).__name__}: {error}" if error is not None else ""
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {described}{detail}") from error
 
 
 # --- Docker ---
 
 
-def docker(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+def docker(
+    *args: str, check: bool = True, timeout: float = 60, cli: tuple[str, ...] = (DOCKER,)
+) -> subprocess.CompletedProcess[str]:
+    """`cli` is the docker command line (with -H for a daemon other than the machine's)."""
+    result = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -182,6 +214,87 @@ def docker(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Co
 
 def docker_lines(*args: str) -> list[str]:
     return [line for line in docker(*args).stdout.splitlines() if line.strip()]
+
+
+class NetworkEvents:
+    """A daemon's network events, streamed by `docker events` into a file from start() on.
+
+    `docker events --since` only reaches back over the daemon's last 256 events, so a busy test
+    can lose a `create` from it; a stream started before the first network misses none. Docker logs
+    a network's `destroy` right after it drops the reference its local copy held on the driver.
+    The stream runs behind the daemon; sync() waits until it has caught up with now."""
+
+    def __init__(self, path: Path, probe: str, cli: tuple[str, ...] = (DOCKER,)) -> None:
+        self.path = path
+        self.probe = probe  # a throwaway bridge network's name, made and removed by sync()
+        self.cli = cli  # the docker command line, with -H for a daemon other than the machine's
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NetworkEvents:
+        """Start streaming; returns once the stream has caught up (before that, the CLI may not
+        even have subscribed)."""
+        argv = [*self.cli, "events", "--filter", "type=network", "--format", "{{json .}}"]
+        with open(self.path, "wb") as out, open(self.path.with_suffix(".err"), "wb") as err:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=err)
+        try:
+            self.sync()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def sync(self) -> None:
+        """Make the probe network come and go, and wait for the stream to show it gone: every event
+        the daemon logged before is in the file then (it sends them in order)."""
+
+        def probes_gone() -> int:
+            return sum(1 for e in self.events() if e.get("Action") == "destroy" and _actor(e).get("name") == self.probe)
+
+        seen = probes_gone()
+        try:
+            docker("network", "create", "-d", "bridge", self.probe, cli=self.cli)
+        finally:
+            docker("network", "rm", self.probe, check=False, cli=self.cli)
+        wait_for(
+            lambda: probes_gone() > seen,
+            timeout=30,
+            what=f"`docker events` to show network {self.probe} destroyed",
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        if self.process is None or self.process.poll() is not None:
+            err = self.path.with_suffix(".err")
+            raise GiveUp(f"`docker events` is not running: {err.read_text().strip() if err.exists() else ''}")
+        text = self.path.read_text(errors="replace")
+        complete = text[: text.rfind("\n") + 1]  # a line being written is read next time
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def local_copies(self, driver: str) -> list[str]:
+        """Networks of `driver` the daemon created (its local copy) and has not destroyed since start()."""
+        alive: dict[str, str] = {}
+        for event in self.events():
+            actor = event.get("Actor", {})
+            if _actor(event).get("type") != driver:
+                continue
+            if event.get("Action") == "create":
+                alive[actor["ID"]] = _actor(event).get("name", actor["ID"])
+            elif event.get("Action") == "destroy":
+                alive.pop(actor["ID"], None)
+        return sorted(alive.values())
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _actor(event: dict[str, Any]) -> dict[str, str]:
+    attributes: dict[str, str] = event.get("Actor", {}).get("Attributes", {})
+    return attributes
 
 
 def import_busybox(image: str, *, docker: tuple[str, ...] = (DOCKER,)) -> None:
@@ -210,12 +323,37 @@ def _link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
 
 
-def _chain_exists(chain: str) -> bool:
-    return subprocess.run(["iptables", "-w", "5", "-n", "-L", chain], capture_output=True).returncode == 0
+def weavenet_chains() -> list[str]:
+    """Our iptables chains (WEAVENET-…) in the filter and nat tables of this namespace."""
+    chains = []
+    for table in ("filter", "nat"):
+        argv = ["iptables", "-w", "5", "-t", table, "-S"]
+        rules = subprocess.run(argv, capture_output=True, text=True).stdout
+        chains += sorted(set(re.findall(r"-N (WEAVENET-\S+)", rules)))
+    return chains
 
 
 def _docker_network_exists(name: str) -> bool:
     return docker("network", "inspect", name, check=False).returncode == 0
+
+
+def weavenet_routers() -> list[str]:
+    """weavenet routers (launch or plugin) running in this network namespace, as `pid cmdline`."""
+    ours = os.readlink("/proc/self/ns/net")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if os.readlink(entry / "ns" / "net") != ours:
+                continue
+        except OSError:
+            continue
+        text = " ".join(a.decode(errors="replace") for a in argv if a)
+        if ("weavenet" in text and " launch" in text) or "weavenet-plugin" in text:
+            found.append(f"{entry.name} {text[:120]}")
+    return found
 
 
 @dataclass
@@ -224,15 +362,18 @@ class HostSnapshot:
 
     weave_bridge: bool
     gwbridge: bool
-    forward_chain: bool
+    chains: bool  # any WEAVENET-… chain
     spec_dir: bool
 
     @classmethod
     def take(cls) -> HostSnapshot:
+        """With RootNamespaceLock held. While no weavenet router runs here, a `weave` bridge or a
+        WEAVENET chain is what an aborted run left: recorded as not there before, so restore() removes it."""
+        router_runs = bool(weavenet_routers())
         return cls(
-            _link_exists("weave"),
+            router_runs and _link_exists("weave"),
             _docker_network_exists("docker_gwbridge"),
-            _chain_exists("WEAVENET-FORWARD"),
+            router_runs and bool(weavenet_chains()),
             SPEC_DIR.exists(),
         )
 
@@ -249,22 +390,29 @@ class HostSnapshot:
                 docker("network", "rm", "docker_gwbridge", check=False)
         if not self.weave_bridge and _link_exists("weave"):
             subprocess.run(["ip", "link", "del", "weave"], capture_output=True)
-        if not self.forward_chain and _chain_exists("WEAVENET-FORWARD"):
-            while (
-                subprocess.run(
-                    ["iptables", "-w", "5", "-D", "FORWARD", "-j", "WEAVENET-FORWARD"], capture_output=True
-                ).returncode
-                == 0
-            ):
-                pass
-            subprocess.run(["iptables", "-w", "5", "-F", "WEAVENET-FORWARD"], capture_output=True)
-            subprocess.run(["iptables", "-w", "5", "-X", "WEAVENET-FORWARD"], capture_output=True)
+        if not self.chains:
+            firewall.remove_all()
+
+
+def _bindable(port: int, kind: socket.SocketKind) -> bool:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for TCP and UDP, outside the kernel's ephemeral range: a port from that range
+    (bind to 0) can be taken by any outgoing connection between this probe and the router's bind."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high and p not in (6783, 6784)]
+    random.shuffle(candidates)
+    for port in candidates:
+        if _bindable(port, socket.SOCK_STREAM) and _bindable(port, socket.SOCK_DGRAM):
+            return port
+    raise AssertionError(f"no free port outside the ephemeral range {low}-{high}")
 
 
 class DockerRouter:
@@ -338,7 +486,7 @@ class DockerRouter:
 
     def _answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"router exited ({self.process.returncode}); log:\n{self.log()[-3000:]}")
+            raise GiveUp(f"router exited ({self.process.returncode}); log:\n{self.log()[-3000:]}")
         try:
             return self.client.request("GET", "/status").status == 200
         except ApiUnreachable:
@@ -347,7 +495,7 @@ class DockerRouter:
     def _network_ready(self) -> bool:
         state = self.report()["Plugin"]["Network"]
         if state["State"] == "failed" and "waiting" not in state["Error"]:
-            raise AssertionError(f"Docker network {self.network} not created: {state['Error']}")
+            raise GiveUp(f"Docker network {self.network} not created: {state['Error']}")
         return state["State"] in ("created", "exists")
 
     def report(self) -> dict[str, Any]:
@@ -382,40 +530,72 @@ class DockerRouter:
     # --- cleanup ---
 
     def close(self) -> None:
-        """Remove what the test made in Docker (while the plugin still answers), then stop."""
+        """Remove what the test made in Docker (while the plugin still answers), then stop; fails
+        (after stopping) if Docker keeps a container or network of the test."""
         try:
-            with contextlib.suppress(Exception):
-                remove_docker_objects(self.tag)
-            self.stop()
-            for spec in self.spec_files:
-                spec.unlink(missing_ok=True)
+            remove_docker_objects(self.tag)
         finally:
-            self.lock.release()
+            try:
+                self.stop()
+                for spec in self.spec_files:
+                    spec.unlink(missing_ok=True)
+            finally:
+                self.lock.release()
 
 
-def remove_docker_objects(tag: str) -> None:
-    """Containers named <tag>*, then networks named <tag>* or with a <tag>* driver."""
-    containers = docker_lines("ps", "-aq", "--filter", f"name=^/{tag}")
-    if containers:
-        docker("rm", "-f", *containers, check=False)
+def docker_objects(tag: str) -> list[tuple[str, str, str]]:
+    """(kind, id, name) of the containers named <tag>*, then of the networks named <tag>* or with a
+    <tag>* driver."""
+    found = []
+    for line in docker_lines("ps", "-a", "--format", "{{.ID}} {{.Names}}"):
+        ident, name = line.split()
+        if name.startswith(tag):
+            found.append(("container", ident, name))
     for line in docker_lines("network", "ls", "--format", "{{.ID}} {{.Name}} {{.Driver}}"):
-        net_id, name, driver = line.split()
+        ident, name, driver = line.split()
         if name.startswith(tag) or driver.startswith(tag):
-            docker("network", "rm", net_id, check=False, timeout=60)
+            found.append(("network", ident, f"{name} (driver {driver})"))
+    return found
+
+
+def remove_docker_objects(tag: str, timeout: float = 90) -> None:
+    """Containers, then networks, of the tag (see docker_objects), again until none is left: a network
+    can refuse while Docker still tears down an endpoint. Fails with what is left and why."""
+    errors: dict[str, str] = {}
+
+    def remove_what_is_left() -> bool:
+        left = docker_objects(tag)
+        for kind, ident, name in left:
+            argv = ("rm", "-f", ident) if kind == "container" else ("network", "rm", ident)
+            if kind == "network" and any(k == "container" for k, _, _ in left):
+                continue  # a network goes once its containers have
+            result = docker(*argv, check=False, timeout=60)
+            if result.returncode != 0:
+                errors[f"{kind} {name}"] = result.stderr.strip()
+        return not docker_objects(tag)
+
+    def what_is_left() -> str:
+        left = [f"{kind} {name}" for kind, _, name in docker_objects(tag)]
+        return f"Docker to remove every container and network of {tag}; left: " + "; ".join(
+            f"{thing} ({errors.get(thing, 'no error')})" for thing in left
+        )
+
+    wait_for(remove_what_is_left, timeout=timeout, interval=1, what=what_is_left)
+
+
+TEST_TAG = re.compile(rf"^{PREFIX}[0-9a-f]{{6}}$")  # every legacy plugin test run's names start with one
 
 
 def sweep_docker() -> list[str]:
-    """Remove what dead plugin test runs left in Docker. Their plugin is gone, so a stand-in
-    answers Docker's teardown calls for their driver names while their networks are removed."""
-    leftovers: set[str] = set()
+    """Remove what dead plugin test runs left in Docker (with RootNamespaceLock held). Their plugin is
+    gone, so a stand-in answers Docker's teardown calls for their driver names while their networks
+    are removed. A managed plugin's driver (NAME:TAG, with a '/' or ':') is no legacy run's."""
+    texts = []
     for line in docker_lines("network", "ls", "--format", "{{.Name}} {{.Driver}}"):
         name, driver = line.split()
-        for text in (name, driver):
-            if text.startswith(PREFIX) and len(text) >= len(PREFIX) + 6:
-                leftovers.add(text[: len(PREFIX) + 6])
-    for line in docker_lines("ps", "-a", "--format", "{{.Names}}"):
-        if line.startswith(PREFIX):
-            leftovers.add(line[: len(PREFIX) + 6])
+        texts += [name] if "/" in driver or ":" in driver else [name, driver]
+    texts += docker_lines("ps", "-a", "--format", "{{.Names}}")
+    leftovers = {text[: len(PREFIX) + 6] for text in texts if TEST_TAG.match(text[: len(PREFIX) + 6])}
     live = {p.stem[: len(PREFIX) + 6] for p in SPEC_DIR.glob(f"{PREFIX}*.spec") if _spec_alive(p)}
     dead = sorted(leftovers - live)
     for tag in dead:
@@ -425,6 +605,12 @@ def sweep_docker() -> list[str]:
         if spec.stem[: len(PREFIX) + 6] not in live:
             spec.unlink(missing_ok=True)
     return dead
+
+
+def _serving(process: subprocess.Popen[bytes], sock: Path) -> bool:
+    if process.poll() is not None:
+        raise GiveUp(f"the stand-in plugin for {sock} exited ({process.returncode})")
+    return PluginClient(sock).answers()
 
 
 def _spec_alive(spec: Path) -> bool:
@@ -470,8 +656,12 @@ def stand_in(tag: str) -> Iterator[None]:
         sockets.append(sock)
         processes.append(subprocess.Popen([sys.executable, "-c", code, str(sock)]))
     try:
-        for sock in sockets:
-            wait_for(lambda s=sock: PluginClient(s).answers(), timeout=5, what="the sweeper's stand-in plugin")
+        for process, sock in zip(processes, sockets, strict=True):
+            wait_for(
+                lambda p=process, s=sock: _serving(p, s),
+                timeout=60,  # a Python start on a busy CI machine
+                what=f"the stand-in plugin on {sock}",
+            )
         yield
     finally:
         for process in processes:
@@ -545,6 +735,7 @@ class RootLink:
         self.close()
 
     def open(self) -> RootLink:
+        self.close()  # a previous run's (the tag is the stable one) whose lab host is still there
         self.subnet = free_link_local_pair()
         root, lab = list(self.subnet.hosts())
         self.root_address, self.host_address = str(root), str(lab)
@@ -564,7 +755,12 @@ class RootLink:
 
     def close(self) -> None:
         if _link_exists(self.root_ifname):
-            subprocess.run(["ip", "link", "del", self.root_ifname], capture_output=True)
+            deleted = subprocess.run(["ip", "link", "del", self.root_ifname], capture_output=True, text=True)
+            wait_for(
+                lambda: not _link_exists(self.root_ifname),
+                timeout=10,
+                what=f"link {self.root_ifname} to go (ip link del: {deleted.stderr.strip() or 'ok'})",
+            )
 
     def cut(self) -> None:
         rules = (
@@ -576,4 +772,4 @@ class RootLink:
         self.host.run(["nft", "-f", "-"], input=rules)
 
     def heal(self) -> None:
-        self.host.run(["nft", "delete", "table", "inet", CUT_TABLE], check=False)
+        self.host.run(["nft", "delete", "table", "inet", CUT_TABLE])

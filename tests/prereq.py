@@ -7,6 +7,7 @@ message fails the test instead, so a CI run can never pass by skipping what it w
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from functools import cache
@@ -32,11 +33,15 @@ def _root_and_netns() -> str | None:
         return "root (lab tests create network namespaces; run as root)"
     if shutil.which("ip") is None:
         return "the `ip` command (Debian package iproute2)"
-    probe = f"wnprobe{os.getpid()}"
+    # A random name: pids repeat across runs and machines, and a probe left behind by one must not
+    # make `ip netns add` fail (and every lab test with it) in the next.
+    probe = f"wnprobe-{secrets.token_hex(6)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"network namespaces (ip netns add failed: {made.stderr.strip()})"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+    deleted = subprocess.run(["ip", "netns", "delete", probe], capture_output=True, text=True)
+    if deleted.returncode != 0:
+        return f"network namespaces that can be removed (ip netns delete {probe} failed: {deleted.stderr.strip()})"
     return None
 
 

@@ -8,7 +8,10 @@ before the swarm exists (docker-lab.md G11), with its state mount pointed at the
 directory (`docker plugin set NAME state.source=DIR`: every host of a real swarm has its own
 /var/lib/weavenet; these two share one filesystem). No peer is configured: a is the swarm's
 manager (`swarm init --advertise-addr` its underlay address), b joins it as a worker, and the
-routers have to find each other through the swarm.
+routers have to find each other through the swarm. Each node's network events are streamed from
+before the plugin exists (SwarmNode.events): a node deletes its local copy of a swarm network after
+`docker network rm` has returned, and its plugin must not be disabled before that (Docker would
+drop the release and count the plugin in use for good; see weavenet.plugin.v2.lifecycle).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from typing import Any
 
 from tests.docker_hosts import DOCKERD_FLAGS, DockerHost, DockerHostsLab, wait_for, weavenet_json
+from tests.plugin_helpers import NetworkEvents
 from weavenet.plugin.v2.build import write_folder
 
 PLUGIN = "wntv2/net-plugin:swarm"
@@ -30,9 +34,16 @@ PIDS="$!"
 
 
 class SwarmNode(DockerHost):
+    events: NetworkEvents | None = None  # from the lab's start on
+
     @property
     def state_dir(self) -> str:
         return str(self.dir / "state")
+
+    def local_copies(self) -> list[str]:
+        """Networks of the plugin this node's daemon made a local copy of and has not destroyed."""
+        assert self.events is not None, f"no event stream on {self.name}"
+        return self.events.local_copies(PLUGIN)
 
     def report(self) -> dict[str, Any]:
         """The plugin's router's /report, from this host's 127.0.0.1:6784 (as `weavenet report`)."""
@@ -104,6 +115,8 @@ class SwarmLab(DockerHostsLab):
         return self.hosts[1]
 
     def after_start(self) -> None:
+        for node in self.hosts:  # before any network of the plugin
+            node.events = NetworkEvents(node.dir / "network-events.log", f"{self.tag}-probe", node.cli).start()
         began = time.monotonic()
         folder = self.workdir / "plugin"
         write_folder(folder, PLUGIN)
@@ -150,3 +163,11 @@ class SwarmLab(DockerHostsLab):
 
     def mesh_target(self, node: SwarmNode) -> str:
         return f"{node.address}:{MESH_PORT}"
+
+    def close(self) -> None:
+        try:
+            for node in self.hosts:
+                if node.events is not None:
+                    node.events.close()
+        finally:
+            super().close()

@@ -8,6 +8,7 @@ in-process.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -85,14 +86,16 @@ def open_node(
 
 def build(
     lab: Lab,
+    closing: list[Datapath],
     keys: tuple[DataKeys | None, DataKeys | None] = (None, None),
     *,
     container_mtu: int | None = None,
 ) -> list[Node]:
-    """Two hosts with a bridge, the datapath's TAP on it and one container each, peered directly."""
+    """Two hosts with a bridge, the datapath's TAP on it and one container each, peered directly.
+    Each datapath goes into `closing` as it opens, so a failure half-way still closes the first."""
     encrypted = keys[0] is not None
     mtu = datapath_overlay_mtu(lab.mtu, encrypted)
-    nodes = [open_node(host, mtu, container_mtu=container_mtu) for host in lab.hosts[:2]]
+    nodes = [open_node(host, mtu, closing, container_mtu=container_mtu) for host in lab.hosts[:2]]
     for node, other, key in ((nodes[0], nodes[1], keys[0]), (nodes[1], nodes[0], keys[1])):
         node.datapath.set_peer(peer_id(other.host), other.host.address, PORT, key)
         node.datapath.set_routes({peer_id(other.host): peer_id(other.host)}, [peer_id(other.host)])
@@ -104,8 +107,9 @@ def closing() -> Iterator[list[Datapath]]:
     """Datapaths to close at the end (their TAPs vanish with them)."""
     opened: list[Datapath] = []
     yield opened
-    for datapath in opened:
-        datapath.close()
+    with contextlib.ExitStack() as stack:  # every one is closed even if closing another raises
+        for datapath in opened:
+            stack.callback(datapath.close)
 
 
 def both_up(nodes: list[Node]) -> None:
@@ -198,8 +202,7 @@ def send_canary(src: Container, dst: Container, dst_ip: str) -> bytes | None:
 
 
 def test_plain_ping_crosses_and_is_counted(lab: Lab, closing: list[Datapath]) -> None:
-    nodes = build(lab)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing)
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     both_up(nodes)
@@ -222,8 +225,7 @@ def test_plain_ping_crosses_and_is_counted(lab: Lab, closing: list[Datapath]) ->
 
 
 def test_encrypted_traffic_hides_plaintext_and_refuses_replays(lab: Lab, closing: list[Datapath]) -> None:
-    nodes = build(lab, handshake())
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake())
     a, b = nodes
     assert a.datapath.stats()["peers"][peer_id(b.host)]["encrypted"]
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
@@ -261,8 +263,7 @@ def test_wrong_key_is_dropped_and_counted(lab: Lab, closing: list[Datapath]) -> 
     # Each end holds keys from a different handshake: nothing may open.
     keys_a, _ = handshake()
     _, keys_b = handshake()
-    nodes = build(lab, (keys_a, keys_b))
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, (keys_a, keys_b))
     a, b = nodes
     assert not a.container.ping(overlay_ip(b.host), count=2, timeout=1)
     wait_until(lambda: b.datapath.stats()["drops"]["auth"] > 0, timeout=5, message="auth drops at B")
@@ -272,8 +273,7 @@ def test_wrong_key_is_dropped_and_counted(lab: Lab, closing: list[Datapath]) -> 
 
 def test_df_ping_too_big_gets_frag_needed(lab: Lab, closing: list[Datapath]) -> None:
     # Containers keep a 1500 MTU; the overlay carries less, so the datapath must answer.
-    nodes = build(lab, handshake(), container_mtu=1500)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake(), container_mtu=1500)
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     result = a.container.run(
@@ -297,8 +297,7 @@ def reassemblies(host: Host) -> int:
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_tcp_throughput_without_underlay_fragments(lab: Lab, closing: list[Datapath], encrypted: bool) -> None:
-    nodes = build(lab, handshake() if encrypted else (None, None), container_mtu=1500)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake() if encrypted else (None, None), container_mtu=1500)
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     before = reassemblies(b.host), reassemblies(a.host)
@@ -402,8 +401,7 @@ def test_path_mtu_is_discovered_and_enforced(lab: Lab, closing: list[Datapath]) 
 
 
 def test_garbage_datagrams_are_counted_not_delivered(lab: Lab, closing: list[Datapath]) -> None:
-    nodes = build(lab, handshake())
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake())
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     before = b.datapath.stats()
@@ -430,8 +428,7 @@ def test_garbage_datagrams_are_counted_not_delivered(lab: Lab, closing: list[Dat
 def test_events_fd_wakes_a_trio_loop(lab: Lab, closing: list[Datapath]) -> None:
     import trio
 
-    nodes = build(lab)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing)
     a, b = nodes
 
     async def wait_for_peer_up() -> list[tuple]:
@@ -466,8 +463,7 @@ def test_setting_a_peer_again_keeps_its_session(lab: Lab, closing: list[Datapath
     """The router may push the same peer twice (address refresh): counters and keys carry on, so
     the other side's replay window does not start refusing us."""
     keys = handshake()
-    nodes = build(lab, keys)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, keys)
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     a.datapath.set_peer(peer_id(b.host), b.host.address, PORT, keys[0])
@@ -485,8 +481,7 @@ def test_setting_a_peer_again_keeps_its_session(lab: Lab, closing: list[Datapath
 def test_udp_gso_super_datagrams_are_segmented(lab: Lab, closing: list[Datapath]) -> None:
     """A container sending with UDP GSO hands the TAP one super-datagram (USO offload, where the
     kernel has it); the datapath cuts it into the datagrams the receiver expects."""
-    nodes = build(lab, handshake())
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake())
     a, b = nodes
     a.container.wait_reachable(overlay_ip(b.host), timeout=15)
     receiver = b.container.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -509,8 +504,7 @@ def test_udp_gso_super_datagrams_are_segmented(lab: Lab, closing: list[Datapath]
 
 def test_liveness_follows_the_underlay(lab: Lab, closing: list[Datapath]) -> None:
     """Heartbeats keep a peer up; cut the underlay and it goes down, heal it and it comes back."""
-    nodes = build(lab, handshake())
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, handshake())
     a, b = nodes
     both_up(nodes)
     assert a.datapath.stats()["peers"][peer_id(b.host)]["rtt_us"] > 0
@@ -565,8 +559,7 @@ def test_endpoint_follows_authenticated_datagrams(lab: Lab, closing: list[Datapa
     """A was told a wrong port for B (as behind a NAT that rebinds): B's authenticated datagrams
     arriving from its real address move A's endpoint for B there, and A reports it."""
     keys = handshake()
-    nodes = build(lab, keys)
-    closing += [n.datapath for n in nodes]
+    nodes = build(lab, closing, keys)
     a, b = nodes
     a.datapath.set_peer(peer_id(b.host), b.host.address, PORT + 1, keys[0])  # nobody listens there
     real = f"{b.host.address}:{PORT}"

@@ -214,7 +214,11 @@ def test_a_cut_stops_tcp_udp_and_ping_between_two_hosts_only_until_healed(lab: L
         accepted, _ = listener.accept()
         with talker, accepted:
             assert h1.tcp_connect(h2, port, timeout=10) and h3.tcp_connect(h2, port, timeout=10)
-            assert wait_until(lambda: udp_arrives(h1, inbox, h2.address, port, timeout=1), timeout=20)
+            assert wait_until(
+                lambda: udp_arrives(h1, inbox, h2.address, port, timeout=1),
+                timeout=20,
+                message="a datagram from h1 to reach h2 before the cut",
+            )
 
             lab.cut(h1, h2)
             lab.cut(h2, h1)  # idempotent, either order
@@ -238,8 +242,14 @@ def test_a_cut_stops_tcp_udp_and_ping_between_two_hosts_only_until_healed(lab: L
             assert not lab.is_cut(h1, h2)
             h1.wait_reachable(h2)
             h2.wait_reachable(h1)
-            assert wait_until(lambda: h1.tcp_connect(h2, port, timeout=1), timeout=30)
-            assert wait_until(lambda: udp_arrives(h1, inbox, h2.address, port, timeout=1), timeout=20)
+            assert wait_until(
+                lambda: h1.tcp_connect(h2, port, timeout=1), timeout=30, message="h1 to connect to h2 after the heal"
+            )
+            assert wait_until(
+                lambda: udp_arrives(h1, inbox, h2.address, port, timeout=1),
+                timeout=20,
+                message="a datagram from h1 to reach h2 after the heal",
+            )
             accepted.settimeout(30)
             assert accepted.recv(64) == b"sent during the cut"  # TCP retransmitted it after the heal
 
@@ -297,7 +307,9 @@ def test_a_killed_server_shows_its_signal_and_restarts_with_a_new_pid(lab: Lab) 
 def test_stopping_a_program_ends_its_children_too(lab: Lab) -> None:
     (h1,) = lab.hosts
     shell = h1.start(["sh", "-c", "sleep 300 & sleep 300 & wait"])
-    assert wait_until(lambda: len(group_members(shell.pid)) == 3, timeout=30)
+    assert wait_until(
+        lambda: len(group_members(shell.pid)) == 3, timeout=30, message="the shell and its two sleeps to be running"
+    )
     children = [pid for pid in group_members(shell.pid) if pid != shell.pid]
     shell.stop(timeout=10)
     assert group_members(shell.pid) == []

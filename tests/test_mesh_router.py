@@ -12,6 +12,7 @@ import functools
 import logging
 import random
 import struct
+from collections.abc import Callable
 from ipaddress import IPv4Network
 
 import trio
@@ -175,6 +176,23 @@ async def test_encryption_disabled_is_shown(mesh: Mesh) -> None:
     assert "     Encryption: disabled" in status_text.format_status(mesh[0].report())
 
 
+def one_shared_link(mesh: Mesh) -> bool:
+    """Routers 0 and 1 each hold one established connection, and it is the same TCP connection."""
+    a = mesh[0].connection_to(mesh.name(1))
+    b = mesh[1].connection_to(mesh.name(0))
+    if a is None or b is None or a.uid != b.uid or a.outbound == b.outbound:
+        return False
+    return all([c["State"] for c in mesh[i].report()["Connections"]].count("established") == 1 for i in range(2))
+
+
+async def holds_for(check: Callable[[], bool], what: str, duration: float) -> None:
+    """Fail as soon as `check()` stops holding within the next `duration` seconds."""
+    with trio.move_on_after(duration):
+        while True:
+            assert check(), f"no longer holds: {what}"
+            await trio.sleep(0.01)
+
+
 @scenario()
 async def test_simultaneous_connects_leave_exactly_one_connection(mesh: Mesh) -> None:
     for i in range(2):
@@ -183,14 +201,16 @@ async def test_simultaneous_connects_leave_exactly_one_connection(mesh: Mesh) ->
         # Both dial at the same moment, again and again: each time exactly one link survives.
         await mesh[0].connect([mesh.addr(1)])
         await mesh[1].connect([mesh.addr(0)])
-        await eventually(lambda: connected(mesh[0]) == {mesh.name(1)} and connected(mesh[1]) == {mesh.name(0)}, "link")
-        await trio.sleep(0.3)
+        # The tie-break closes the losing dial asynchronously: wait for the one link both ends keep.
+        await eventually(lambda: one_shared_link(mesh), "both ends on one connection (same uid, opposite directions)")
         a = mesh[0].connection_to(mesh.name(1))
-        b = mesh[1].connection_to(mesh.name(0))
-        assert a is not None and b is not None
-        assert a.uid == b.uid and a.outbound != b.outbound, "both ends kept the same TCP connection"
-        established = [c for c in mesh[0].report()["Connections"] if c["State"] == "established"]
-        assert len(established) == 1
+        assert a is not None
+        # And it stays the only one: no late duplicate replaces it or shows up beside it.
+        await holds_for(
+            functools.partial(lambda kept: mesh[0].connection_to(mesh.name(1)) is kept and one_shared_link(mesh), a),
+            "the same single link",
+            FAST.heartbeat,
+        )
         a.shutdown("test: drop the link")
         await eventually(functools.partial(lambda old: mesh[0].connection_to(mesh.name(1)) is not old, a), "link gone")
 

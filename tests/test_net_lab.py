@@ -51,7 +51,7 @@ def test_attached_containers_reach_each_other_across_the_bridge(lab: Lab):
         two = attach(resolve(c2.path), [IPv4Interface("10.40.0.2/24")], mtu=1400)
         assert sorted(bridge.bridge_ports()) == sorted([one.host_ifname, two.host_ifname])
     assert one.cidrs == (IPv4Interface("10.40.0.1/24"),)
-    assert ping(c1, "10.40.0.2")
+    c1.wait_reachable("10.40.0.2")  # fresh veths: the bridge ports come up asynchronously
     assert any(line.startswith("224.0.0.0/4 dev ethwe0") for line in routes_of(c1))
     assert " mtu 1400 " in c1.run(["ip", "-o", "link", "show", CONTAINER_IFNAME]).stdout
     # Attaching again adds an address to the same interface; detaching one keeps the other.
@@ -96,6 +96,8 @@ def test_forwarding_rules_beat_a_drop_policy(lab: Lab):
         attach(resolve(c2.path), [IPv4Interface("10.40.0.2/24")], mtu=1400)
     if host.run(["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"], check=False).stdout.strip() != "1":
         pytest.skip("br_netfilter is not active in this namespace, so FORWARD never sees bridged frames")
+    # Fresh veths come up asynchronously: first see traffic flow, so the "dies" below means the policy.
+    c1.wait_reachable("10.40.0.2")
     # What Docker does to a host: FORWARD policy DROP. Bridged container traffic then dies...
     host.run(["iptables", "-P", "FORWARD", "DROP"])
     assert not ping(c1, "10.40.0.2")
@@ -103,7 +105,7 @@ def test_forwarding_rules_beat_a_drop_policy(lab: Lab):
     with inside(host):
         firewall.allow_bridge_forwarding("weave")
         firewall.allow_bridge_forwarding("weave")
-    assert ping(c1, "10.40.0.2")
+    c1.wait_reachable("10.40.0.2")
     rules = host.run(["iptables", "-S"]).stdout
     assert rules.count("-A FORWARD -j WEAVENET-FORWARD") == 1
     with inside(host):
@@ -123,7 +125,7 @@ def test_expose_lets_the_host_reach_containers(lab: Lab):
     host.add_address("weave", "10.40.0.254/24")
     with inside(host):
         firewall.expose("weave", subnet)
-    assert ping(host, "10.40.0.5")
+    host.wait_reachable("10.40.0.5")  # the container's veth is fresh
     assert "WEAVENET-NAT" in host.run(["iptables", "-t", "nat", "-S"]).stdout
     with inside(host):
         firewall.hide("weave", subnet)

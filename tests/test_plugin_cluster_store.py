@@ -66,6 +66,17 @@ def pings(host: StoreHost, container: str, target: str) -> bool:
     return host.docker("exec", container, "ping", "-c", "1", "-W", "2", target, check=False).returncode == 0
 
 
+def reaches(host: StoreHost, container: str, target: str, timeout: float = 30) -> None:
+    """Wait until `container` on `host` pings `target`: a new container's path (ARP, the mesh's routes)
+    settles after Docker has returned."""
+    wait_for(
+        lambda: pings(host, container, target),
+        timeout=timeout,
+        interval=0.5,
+        what=f"{container} on host {host.name} to ping {target}",
+    )
+
+
 def calls(host: StoreHost) -> dict[str, int]:
     return {k: v["Count"] for k, v in host.report()["Plugin"]["Calls"].items()}
 
@@ -74,6 +85,12 @@ def established(host: StoreHost) -> set[str]:
     router = host.report()["Router"]
     me = next((p for p in router["Peers"] if p["Name"] == router["Name"]), {"Connections": []})
     return {c["NickName"] for c in me["Connections"] if c.get("Established")}
+
+
+def meshed(lab: ClusterStoreLab) -> bool:
+    """Each router has an established connection with the other: both sides, one look each."""
+    a, b = lab.hosts
+    return established(a) == {f"{lab.tag}-b"} and established(b) == {f"{lab.tag}-a"}
 
 
 def start_global_network(lab: ClusterStoreLab) -> tuple[str, str, str, str]:
@@ -105,18 +122,27 @@ def test_global_network_across_two_daemons_with_a_cluster_store(store_lab: Clust
     assert a_calls.get("NetworkDriver.CreateNetwork") == 1
     assert "NetworkDriver.CreateNetwork" not in b_calls
     assert b_calls.get("NetworkDriver.CreateEndpoint") == 1 and b_calls.get("NetworkDriver.Join") == 1
-    assert a_calls.get("NetworkDriver.DiscoverNew", 0) >= 2  # itself and b
+    wait_for(  # node discovery runs on the store's heartbeat, not with the containers' calls
+        lambda: calls(a).get("NetworkDriver.DiscoverNew", 0) >= 2,  # itself and b
+        timeout=30,
+        what=lambda: (
+            f"a's Docker to announce itself and b (DiscoverNew so far: {calls(a).get('NetworkDriver.DiscoverNew', 0)})"
+        ),
+    )
     gnet = [n for n in b.report()["Plugin"]["Networks"] if n["Driver"] == "weave"]
     assert gnet and gnet[0]["Pools"] == [SUBNET]  # learned from b's Docker, not from CreateNetwork
 
     # Docker's node discovery introduced the routers: no peers were given at launch
-    wait_for(lambda: established(a) == {f"{store_lab.tag}-b"}, timeout=20, what="a's router to connect to b's")
-    assert established(b) == {f"{store_lab.tag}-a"}
+    wait_for(lambda: meshed(store_lab), timeout=20, what="a's and b's routers to connect to each other")
 
     # the rest of the user's view: same-host traffic, names across hosts, teardown rules
     a.docker("run", "-d", "--init", "--name", "ca2", "--network", "gnet", "busybox", "sleep", "600")
-    assert pings(a, "ca2", ca_ip.split("/")[0])
-    assert '"Name": "cb"' in a.docker("network", "inspect", "gnet").stdout  # b's endpoint, via the store
+    reaches(a, "ca2", ca_ip.split("/")[0])
+    wait_for(  # a learns of b's endpoint through the store
+        lambda: '"Name": "cb"' in a.docker("network", "inspect", "gnet").stdout,
+        timeout=30,
+        what="a's Docker to show b's container cb on gnet",
+    )
     refused = b.docker("network", "rm", "gnet", check=False)
     assert refused.returncode != 0 and "active endpoints" in refused.stderr
 
@@ -124,7 +150,11 @@ def test_global_network_across_two_daemons_with_a_cluster_store(store_lab: Clust
         host.docker("rm", "-f", *names)
         assert not [line for line in host.inside("ip", "-o", "link").stdout.splitlines() if "vethw" in line]
     a.docker("network", "rm", "gnet")
-    assert "gnet" not in b.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    wait_for(  # b learns of the removal through the store
+        lambda: "gnet" not in b.docker("network", "ls", "--format", "{{.Name}}").stdout.split(),
+        timeout=30,
+        what="b's Docker to drop gnet once a removed it",
+    )
     assert not [n for n in a.report()["Plugin"]["Networks"] if n["Driver"] == "weave"]
 
 
@@ -142,13 +172,18 @@ def test_global_network_containers_ping_across_hosts_through_the_mesh(store_lab:
         tap = host.inside("ip", "-d", "-o", "link", "show", "weave-dp").stdout
         assert " tun " in tap and "master weave" in tap, tap
     ca, ca_ip, cb, cb_ip = start_global_network(store_lab)
-    wait_for(lambda: established(a) == {f"{store_lab.tag}-b"}, timeout=20, what="the mesh between a and b")
-    assert len(datapath_links(a)) == 1 and len(datapath_links(b)) == 1
+    wait_for(
+        lambda: meshed(store_lab) and len(datapath_links(a)) == 1 and len(datapath_links(b)) == 1,
+        timeout=20,
+        what=lambda: (
+            f"the mesh between a and b, both ways, over the datapath ({datapath_links(a)}, {datapath_links(b)})"
+        ),
+    )
     began = time.monotonic()
-    wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=20, what="a's container to reach b's")
+    reaches(a, ca, cb_ip.split("/")[0])
     print(f"first cross-host ping through the mesh: {time.monotonic() - began:.2f}s")
-    assert pings(b, cb, ca_ip.split("/")[0])
-    assert pings(b, cb, ca)  # by name: Docker's embedded DNS, fed from the store
+    reaches(b, cb, ca_ip.split("/")[0])
+    reaches(b, cb, ca)  # by name: Docker's embedded DNS, fed from the store
 
     # cut the mesh port (TCP control and UDP data) between the hosts; etcd stays reachable
     rules = [["INPUT", "-p", proto, "--dport", "6783", "-j", "DROP"] for proto in ("udp", "tcp")]
@@ -161,9 +196,9 @@ def test_global_network_containers_ping_across_hosts_through_the_mesh(store_lab:
     for host in (a, b):
         for rule in rules:
             host.inside("iptables", "-D", *rule)
-    wait_for(lambda: pings(a, ca, cb_ip.split("/")[0]), timeout=60, what="the ping to return after healing")
+    reaches(a, ca, cb_ip.split("/")[0], timeout=60)  # the mesh reconnects after the cut
     print(f"cut, then healed and pinging again: {time.monotonic() - began:.2f}s")
-    assert pings(b, cb, ca_ip.split("/")[0])
+    reaches(b, cb, ca_ip.split("/")[0])
     a.docker("rm", "-f", ca)
     b.docker("rm", "-f", cb)
     a.docker("network", "rm", "gnet")

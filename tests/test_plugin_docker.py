@@ -34,6 +34,7 @@ from tests.plugin_helpers import (
     HostSnapshot,
     PluginClient,
     RootLink,
+    RootNamespaceLock,
     docker,
     import_busybox,
     stand_in,
@@ -51,10 +52,11 @@ def image() -> Iterator[str]:
     """A busybox image imported for this run; the host as it was restored afterwards."""
     if not Path("/bin/busybox").exists():
         missing("/bin/busybox (Debian package busybox-static)")
-    swept = sweep_docker()
-    if swept:
-        print(f"swept leftovers of dead plugin test runs: {', '.join(swept)}")
-    snapshot = HostSnapshot.take()
+    with RootNamespaceLock():  # no router of another run comes or goes while we look
+        swept = sweep_docker()
+        if swept:
+            print(f"swept leftovers of dead plugin test runs: {', '.join(swept)}")
+        snapshot = HostSnapshot.take()
     name = f"{PREFIX}{secrets.token_hex(3)}-busybox"
     import_busybox(name)
     try:
@@ -95,6 +97,11 @@ def ethwe(container: str) -> list[str]:
 
 def has_multicast_route(container: str) -> bool:
     return "224.0.0.0/4 dev ethwe" in exec_(container, "ip", "route")
+
+
+def veths() -> set[str]:
+    """Our veth ends (vethwl…, vethwg…) in the machine's namespace."""
+    return {n.name for n in Path("/sys/class/net").iterdir() if n.name.startswith("vethw")}
 
 
 def pings(container: str, target: str) -> bool:
@@ -221,11 +228,12 @@ def test_multicast_option_on_off_and_invalid(router: DockerRouter, image: str):
 
     # a container already on a multicast network cannot join a second one: a clear error, no damage
     two = run(router, image, "two", router.network)
+    before = veths()  # the veths of other runs' and this test's containers stay
     second = docker("network", "connect", on, two, check=False)
     assert second.returncode != 0
     assert "already has the multicast route 224.0.0.0/4 from another network" in second.stderr
     assert ethwe(two) == ["10.32.0.1/12"] and has_multicast_route(two)
-    assert not [n for n in Path("/sys/class/net").iterdir() if n.name.startswith("vethwg")]
+    assert veths() - before == set(), "the refused endpoint's veth pair was left behind"
 
 
 def test_the_global_driver_without_a_cluster_store(router: DockerRouter, image: str):
@@ -293,14 +301,16 @@ def test_what_a_killed_run_leaves_in_docker_is_swept(image: str, tmp_path: Path)
     try:
         sub = f"{dead.tag}-sub"
         docker("network", "create", "-d", dead.mesh, "--ipam-driver", dead.mesh, "--subnet", "10.44.0.0/16", sub)
-        run(dead, image, "c1", sub)
+        c1 = run(dead, image, "c1", sub)
+        endpoint = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.EndpointID}}{{end}}", c1).stdout
+        pair = {prefix + endpoint.strip()[:9] for prefix in ("vethwl", "vethwg")}  # the plugin's veth names
         dead.stop(signal.SIGKILL)
         began = time.monotonic()
         assert dead.tag in sweep_docker()
         print(f"swept in {time.monotonic() - began:.1f}s")
         assert not [n for n in docker("network", "ls", "--format", "{{.Name}}").stdout.split() if dead.tag in n]
         assert not docker("ps", "-aq", "--filter", f"name=^/{dead.tag}").stdout.strip()
-        assert not [n for n in Path("/sys/class/net").iterdir() if n.name.startswith("vethw")]
+        assert not pair & veths(), "the dead run's endpoint is still there"
         assert not list(Path("/etc/docker/plugins").glob(f"{dead.tag}*"))
     finally:
         dead.close()

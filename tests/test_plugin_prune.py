@@ -242,7 +242,7 @@ def test_after_a_start_gone_containers_and_lost_releases_are_freed_and_nothing_i
     tidy(plugin)
     held = allocator.owned()
     assert GONE not in held and "10.32.0.1" not in held  # the only two freed
-    assert plugin.pruned == {"Containers": 1, "Addresses": 1}
+    assert plugin.pruned == {"Containers": 1, "Addresses": 1, "Endpoints": 0}
     for kept in (ALIVE, "9" * 64, "netns:c1", "10.32.0.2", "10.32.0.3", "10.32.0.4", "10.32.0.5"):
         assert kept in held, kept
     assert allocator.claims == [("_", cidr("10.32.0.7"))]  # the running container IPAM did not know: reclaimed

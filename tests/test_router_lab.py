@@ -62,7 +62,11 @@ def test_line_topology_routes_via_the_middle_until_the_direct_link_heals(lab: La
     lab.cut(h1, h3)
     routers = start_routers(lab, {"h1": ["h2", "h3"], "h3": ["h2"]})
     a, b, c = routers["h1"], routers["h2"], routers["h3"]
-    wait_until(lambda: a.established() == {b.name} and c.established() == {b.name}, timeout=60)
+    wait_until(
+        lambda: a.established() == {b.name} and c.established() == {b.name},
+        timeout=60,
+        message="h1 and h3 to be connected to h2 only",
+    )
     wait_until(lambda: unicast_via(a, c) == b.name, timeout=30, message="h1's route to h3 to go via h2")
     wait_until(lambda: unicast_via(c, a) == b.name, timeout=30, message="h3's route to h1 to go via h2")
     # h1 keeps h3 as a target and retries it with backoff; healing the link brings the direct route back.
@@ -86,6 +90,16 @@ def test_a_partition_heals_by_itself_without_duplicate_connections(lab: Lab):
     assert routers[1].name in a.established()
     lab.heal_all()
     wait_until(lambda: full_mesh(routers), timeout=120, message="the mesh to heal after the partition")
+    # Both sides redial when the cut heals; the tie-break closes the loser of each race asynchronously.
+    wait_until(
+        lambda: all(duplicate_connections(r) == [] for r in routers),
+        timeout=30,
+        message=lambda: (
+            "no duplicate connections, still: "
+            + "; ".join(f"{r}: {d}" for r in routers if (d := duplicate_connections(r)))
+        ),
+    )
+    assert full_mesh(routers), "the mesh must stay full once the duplicates are gone"
     for router in routers:
         assert duplicate_connections(router) == [], f"{router} has duplicate connections"
 
@@ -95,7 +109,7 @@ def test_a_killed_router_restarts_and_rejoins_from_its_persisted_targets(lab: La
     routers = start_routers(lab, {"h2": ["h1"], "h3": ["h1"]})
     a, c = routers["h1"], routers["h3"]
     everyone = list(routers.values())
-    wait_until(lambda: full_mesh(everyone), timeout=60)
+    wait_until(lambda: full_mesh(everyone), timeout=60, message="the initial full mesh of 3")
     name_before = c.name
     c.process.kill(signal.SIGKILL)
     assert c.process.wait(timeout=10) == -signal.SIGKILL

@@ -207,7 +207,9 @@ class DaemonLog:
 
     @classmethod
     def find(cls) -> DaemonLog:
-        for pid in _pids_of("dockerd"):
+        """The log of the machine's dockerd: the one in /var/run/docker.pid, else one in our own network
+        and pid namespaces (never another dockerd, such as a test lab's or an orphan's, logging to a file)."""
+        for pid in _machine_dockerd():
             try:
                 target = os.readlink(f"/proc/{pid}/fd/2")
             except OSError:
@@ -261,6 +263,23 @@ class DaemonLog:
             if line.startswith("weavenet plugin:"):
                 return line.removeprefix("weavenet plugin: ")
         return None
+
+
+def _machine_dockerd() -> list[int]:
+    try:
+        pid = int(Path("/var/run/docker.pid").read_text().strip())
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd":
+            return [pid]
+    except (OSError, ValueError):
+        pass  # no pid file, or a stale one
+    return [pid for pid in _pids_of("dockerd") if _in_our_namespaces(pid)]
+
+
+def _in_our_namespaces(pid: int) -> bool:
+    try:
+        return all(os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "pid"))
+    except OSError:
+        return False
 
 
 def _pids_of(command: str) -> list[int]:
