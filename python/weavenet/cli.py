@@ -214,6 +214,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
         if reply.status >= 400 and reply.status != 404:  # 404: IPAM disabled, nothing to hand on
             print(f"weavenet reset: warning: {reply.text.strip()}", file=sys.stderr)
     _stop(args, quiet_if_not_running=True)
+    _remove_kernel_path()
     state_dir = _state_dir(args)
     from weavenet.store import Store
 
@@ -221,6 +222,19 @@ def cmd_reset(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
     print(f"weavenet reset: state in {state_dir} removed")
     return 0
+
+
+def _remove_kernel_path() -> None:
+    """What a killed router's kernel fast path left: its VXLAN port on the bridge and its firewall chain."""
+    from weavenet.net import firewall, vxlan
+
+    try:
+        for port in vxlan.stale_devices():
+            vxlan.close_device(port)
+            print(f"weavenet reset: removed {vxlan.device_name(port)}")
+        firewall.close_kernel_port()
+    except (vxlan.PlumbingError, firewall.FirewallError) as exc:
+        print(f"weavenet reset: warning: {exc}", file=sys.stderr)
 
 
 # --- client commands ---

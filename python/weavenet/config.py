@@ -161,6 +161,8 @@ class Settings:
     mtu: int | None = None  # None → derived from the underlay
     foreground: bool = False
     datapath: bool = True  # the Rust datapath (bridge, TAP, UDP); off: control plane only
+    fastdp: bool = True  # the kernel VXLAN fast path for plain direct peers; off: all on the Rust datapath
+    kernel_port_setting: int | None = None  # UDP port of the kernel path; None → the mesh port + 1
     # Docker plugin: on unless --no-plugin; None dir → /run/docker/plugins when it exists and the
     # router runs in the host's network namespace (where dockerd is). Empty names disable a part.
     plugin: bool = True
@@ -173,6 +175,10 @@ class Settings:
     @property
     def encrypted(self) -> bool:
         return bool(self.password)
+
+    @property
+    def kernel_port(self) -> int:
+        return self.kernel_port_setting if self.kernel_port_setting is not None else self.port + 1
 
     @property
     def default_subnet(self) -> IPv4Network | None:
@@ -311,6 +317,7 @@ _VALUED: list[tuple[str, str, str | None, Callable[[str], object]]] = [
     ("name", "--name", "WEAVE_PEER_NAME", PeerName.parse),
     ("nickname", "--nickname", "WEAVE_NICKNAME", _parse_nickname),
     ("port", "--port", "WEAVE_PORT", _parse_port),
+    ("kernel_port_setting", "--kernel-port", "WEAVE_KERNEL_PORT", _parse_port),
     ("host", "--host", "WEAVE_HOST", str.strip),
     ("http_addr", "--http-addr", "WEAVE_HTTP_ADDR", lambda t: HttpAddress.parse(t) if t.strip() else None),
     ("state_dir", "--state-dir", "WEAVE_STATE_DIR", lambda t: Path(t).absolute()),
@@ -333,6 +340,7 @@ _HELP = {
     "name": "this peer's name, aa:bb:cc:dd:ee:ff (default: generated once and persisted)",
     "nickname": "a human-friendly label for this peer (default: the hostname)",
     "port": "mesh port, TCP for control and UDP for data (default 6783)",
+    "kernel_port_setting": "UDP port of the kernel VXLAN fast path (default: the mesh port + 1, 6784)",
     "host": "address to bind the mesh port to (default: all)",
     "http_addr": "HTTP API address, HOST:PORT or a socket path; empty disables (default 127.0.0.1:6784)",
     "state_dir": "where persisted state lives (default /var/lib/weavenet, per network namespace)",
@@ -362,7 +370,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     """The `launch` flags, shared by `weavenet launch` and the V2 plugin entry point."""
     for dest, flag, env, _ in _VALUED:
         help_text = _HELP[dest] + (f" [${env}]" if env and env not in _HELP[dest] else "")
-        parser.add_argument(flag, dest=dest, default=None, metavar=dest.upper(), help=help_text)
+        parser.add_argument(
+            flag, dest=dest, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"), help=help_text
+        )
     parser.add_argument(
         "--no-discovery", dest="no_discovery", action="store_true", help="do not learn peers from gossip"
     )
@@ -376,7 +386,13 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-fastdp",
         dest="no_fastdp",
         action="store_true",
-        help="run no datapath: the mesh carries control traffic only [$WEAVE_NO_FASTDP]",
+        help="no kernel fast path: carry all traffic on the userspace (sleeve) datapath [$WEAVE_NO_FASTDP]",
+    )
+    parser.add_argument(
+        "--no-datapath",
+        dest="no_datapath",
+        action="store_true",
+        help="run no datapath at all: the mesh carries control traffic only [$WEAVE_NO_DATAPATH]",
     )
     parser.add_argument("peers", nargs="*", metavar="PEER[:PORT]", help="peers to connect to")
 
@@ -410,7 +426,8 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         discovery=not getattr(args, "no_discovery", False),
         foreground=bool(getattr(args, "foreground", False)),
         plugin=not _switched_off(args, env, "no_plugin", "--no-plugin", "WEAVE_NO_PLUGIN"),
-        datapath=not _switched_off(args, env, "no_fastdp", "--no-fastdp", "WEAVE_NO_FASTDP"),
+        datapath=not _switched_off(args, env, "no_datapath", "--no-datapath", "WEAVE_NO_DATAPATH"),
+        fastdp=not _switched_off(args, env, "no_fastdp", "--no-fastdp", "WEAVE_NO_FASTDP"),
         **values,  # type: ignore[arg-type]
     )
     _check_consistency(settings)
@@ -444,6 +461,9 @@ def _check_consistency(settings: Settings) -> None:
             raise ConfigError("--ipalloc-default-subnet", f"{subnet} is not inside the allocation range {rng}")
     if settings.ipalloc_init.mode == "consensus" and settings.ipalloc_init.quorum is not None and rng is None:
         raise ConfigError("--ipalloc-init", "needs IPAM (an --ipalloc-range)")
+    if settings.datapath and settings.fastdp and settings.kernel_port == settings.port:
+        flag = "--kernel-port" if settings.kernel_port_setting is not None else "--port"
+        raise ConfigError(flag, f"UDP {settings.port} is the datapath's port; the kernel path needs another")
     if settings.plugin_mesh_name and settings.plugin_mesh_name == settings.plugin_name:
         raise ConfigError("--plugin-name", f"{settings.plugin_name!r} is also the --plugin-mesh-name; give them apart")
 

@@ -3,6 +3,8 @@
 Shape of the tree (read top to bottom in `run_daemon`):
     run_daemon
     ├── signal watcher          SIGTERM/SIGINT → cancel everything, close connections cleanly
+    ├── datapath                the Rust datapath's TAP and UDP 6783 (net/overlay.py), then the kernel
+    │                           fast path's VXLAN port, UDP 6784 (net/kernel_path.py): before the router
     ├── mesh router             TCP 6783: connections, gossip, routes, connection maker
     ├── IPAM allocator          ring gossip, consensus, retries (ipam/allocator.py)
     ├── HTTP API                127.0.0.1:6784: status, report, connect/forget, metrics, stop
@@ -34,9 +36,11 @@ from weavenet.ipam.allocator import Allocator
 from weavenet.ipam.hostcheck import bridge_addresses, check_range_is_free
 from weavenet.mesh.peer_name import PeerName
 from weavenet.mesh.router import Router
+from weavenet.net import vxlan
 from weavenet.net.containers import Containers
-from weavenet.net.mtu import overlay_mtu
-from weavenet.net.overlay import OVERLAY_NAME, Overlay
+from weavenet.net.kernel_path import FASTDP, SLEEVE, KernelPath
+from weavenet.net.mtu import MIN_MTU, overlay_mtu, underlay_mtu
+from weavenet.net.overlay import TAP_NAME, Overlay
 from weavenet.plugin.server import PluginService, plugin_dir
 from weavenet.store import Store
 
@@ -56,7 +60,8 @@ class Node:
     router: Router
     ipam: Allocator | None = None  # None when IPAM is disabled (empty --ipalloc-range)
     containers: Containers | None = None  # attach/detach/expose/ps on this host
-    overlay: Overlay | None = None  # the datapath's controller (None with --no-fastdp)
+    overlay: Overlay | None = None  # the datapath's controller (None with --no-datapath)
+    kernel: KernelPath | None = None  # the kernel fast path's (None with --no-datapath; off with --no-fastdp)
     plugin: PluginService | None = None  # the Docker plugin, when it serves (see plugin.server.plugin_dir)
     started_at: float = field(default_factory=time.time)
     stop_requested: trio.Event = field(default_factory=trio.Event)
@@ -100,8 +105,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # pyroute2 logs every netlink message at debug: never below info
-    logging.getLogger("pyroute2").setLevel(max(getattr(logging, level.upper()), logging.INFO))
+    # pyroute2 logs every netlink message at debug, and opens an asyncio loop (logged) per IPRoute: never below info
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(getattr(logging, level.upper()), logging.INFO))
 
 
 def write_pid_file(state_dir: Path) -> Path:
@@ -182,9 +188,10 @@ async def run_daemon(settings: Settings, *, plugin_factory: PluginFactory | None
         # With a datapath, a link counts as established only once its UDP heartbeats arrive.
         auto_establish=not settings.datapath,
         data_port=settings.port if settings.datapath else 0,
-        overlays=(OVERLAY_NAME,) if settings.datapath else (),
+        overlays=((FASTDP, SLEEVE) if settings.fastdp else (SLEEVE,)) if settings.datapath else (),
     )
-    mtu = overlay_mtu(settings.mtu, encrypted=mesh_key is not None)
+    underlay = underlay_mtu()  # before our own links exist (the TAP's 65000 would count otherwise)
+    mtu = overlay_mtu(settings.mtu, encrypted=mesh_key is not None, underlay=underlay)
     containers = Containers(store=store, ipam=None, mtu=mtu)
     node = Node(settings=settings, store=store, name=name, router=router, containers=containers)
     if settings.ipalloc_range is not None:
@@ -208,6 +215,18 @@ async def run_daemon(settings: Settings, *, plugin_factory: PluginFactory | None
                 # Before the router serves, so that every connection reaches the datapath.
                 node.overlay = Overlay(router, port=settings.port, mtu=mtu, bind_host=settings.host)
                 await nursery.start(node.overlay.run)
+                node.kernel = KernelPath(
+                    router,
+                    port=settings.kernel_port,
+                    mtu=mtu,
+                    device_mtu=max(MIN_MTU, underlay - vxlan.OVERHEAD),
+                    # With a password, only peers in trusted subnets may go plain.
+                    enabled=settings.fastdp and (mesh_key is None or bool(settings.trusted_subnets)),
+                    disabled_reason="disabled by --no-fastdp" if not settings.fastdp else "encrypted",
+                    local_host=settings.host,
+                    tap=TAP_NAME,
+                )
+                await nursery.start(node.kernel.run)
             await nursery.start(router.serve)
             if node.ipam is not None:
                 await nursery.start(node.ipam.run)

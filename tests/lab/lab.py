@@ -287,8 +287,15 @@ class Lab:
         self._faults().heal(self._resolve(a).label, self._resolve(b).label)
 
     def heal_all(self) -> None:
-        """Undo every cut and every isolation."""
+        """Undo every cut, isolation and block."""
         self._faults().heal_all()
+
+    def block_udp(self, a: Host | str, b: Host | str, udp_port: int) -> None:
+        """Drop UDP datagrams to `udp_port` between two hosts, both ways; all else passes. Idempotent."""
+        self._faults().block_udp(self._resolve(a).label, self._resolve(b).label, udp_port)
+
+    def unblock_udp(self, a: Host | str, b: Host | str, udp_port: int) -> None:
+        self._faults().unblock_udp(self._resolve(a).label, self._resolve(b).label, udp_port)
 
     def is_cut(self, a: Host | str, b: Host | str) -> bool:
         return self._faults().is_cut(self._resolve(a).label, self._resolve(b).label)

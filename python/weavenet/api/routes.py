@@ -16,6 +16,7 @@ from weavenet.ipam import http as ipam_http
 from weavenet.ipam.errors import IpamError
 from weavenet.ipam.status import format_ipam_status
 from weavenet.mesh import status_text
+from weavenet.net import kernel_status
 from weavenet.net.containers import AddressRequest, AttachError, Containers, ps_line
 from weavenet.plugin.server import format_status as plugin_status
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 def full_report(node: Node) -> dict[str, Any]:
     report = {"Ready": True, "Version": node.version, "Router": node.router.report()}
+    if node.kernel is not None:
+        report["KernelPath"] = kernel_status.report(node.kernel)
     if node.ipam is not None:
         report["IPAM"] = node.ipam.report()
     if node.plugin is not None:
@@ -35,6 +38,8 @@ def full_report(node: Node) -> dict[str, Any]:
 def status_page(node: Node) -> str:
     header = f"        Version: {node.version}\n\n"
     text = header + status_text.format_status(node.router.report())
+    if node.kernel is not None:
+        text += status_text.format_fast_path(kernel_status.report(node.kernel))
     if node.ipam is not None:
         text += "\n" + format_ipam_status(node.ipam.report())
     if node.plugin is not None:
@@ -55,6 +60,8 @@ def build_api(node: Node) -> Router:
 
     @api.route("GET", "/status")
     async def status(request: Request) -> Response:
+        if node.kernel is not None:
+            await node.kernel.read_counters()
         if request.wants_json():
             return Response.json(full_report(node))
         return Response.text(status_page(node))
@@ -72,6 +79,8 @@ def build_api(node: Node) -> Router:
 
     @api.route("GET", "/report")
     async def report(request: Request) -> Response:
+        if node.kernel is not None:
+            await node.kernel.read_counters()
         return Response.json(full_report(node))
 
     @api.route("POST", "/connect")
@@ -90,6 +99,9 @@ def build_api(node: Node) -> Router:
     @api.route("GET", "/metrics")
     async def metrics_page(request: Request) -> Response:
         samples = [*node.router.metrics(), *metrics.process_samples(node.started_at)]
+        if node.kernel is not None:
+            await node.kernel.read_counters()
+            samples += kernel_status.metrics(node.kernel, node.overlay.stats() if node.overlay is not None else {})
         if node.ipam is not None:
             samples += node.ipam.metrics()
         return Response(200, metrics.render(samples).encode(), "text/plain; version=0.0.4; charset=utf-8")

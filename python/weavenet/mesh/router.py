@@ -170,6 +170,7 @@ class Router:
         timings: MeshTimings = MeshTimings(),
         auto_establish: bool = True,
         data_port: int = 0,
+        kernel_port: int = 0,
         overlays: tuple[str, ...] = (),
     ) -> None:
         self.name = name
@@ -185,6 +186,7 @@ class Router:
         # Until the datapath reports a link established, a control link counts as one.
         self.auto_establish = auto_establish
         self.data_port = data_port  # told to peers in the intro, so they know where to send data
+        self.kernel_port = kernel_port  # likewise for the kernel fast path (0: we offer none)
         self.overlays = overlays
         self.uid = _random_uid()
         self.topology = Topology(name, nickname, self.uid)
@@ -308,7 +310,9 @@ class Router:
         label = f"{arrow}[{address}]"
         our_conn_id = new_conn_id()
         trusted = self._trusts(address)
-        intro = wire.Intro(self.name, self.nickname, self.uid, our_conn_id, trusted, self.overlays, self.data_port)
+        intro = wire.Intro(
+            self.name, self.nickname, self.uid, our_conn_id, trusted, self.overlays, self.data_port, self.kernel_port
+        )
         channel: MeshChannel | None = None
         conn: Connection | None = None
         reason = "router shutting down"

@@ -54,14 +54,29 @@ def format_status(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_fast_path(kernel: Mapping[str, Any]) -> str:
+    """The kernel fast path's line of `weavenet status`: where it listens, and how many peers use it."""
+    peers = kernel.get("Peers") or {}
+    counts = _counts((p["Path"] for p in peers.values()), ("fastdp", "sleeve"))
+    if kernel.get("State") == "up":
+        where = f"kernel VXLAN on UDP {kernel['Port']} ({kernel['Device']})"
+    else:
+        where = f"off ({kernel.get('Problem') or 'not started'})"
+    return _line("FastPath", where + (f", peers: {counts}" if counts else "")) + "\n"
+
+
 def format_connections(report: Mapping[str, Any]) -> str:
-    """`status connections`: `-> 10.0.0.2:6783  established encrypted   aa:bb:..(nick)` per line."""
+    """`status connections` in Weave Net's layout, `-> 10.0.0.2:6783  established fastdp aa:bb:..(nick)
+    mtu=1420`, the path being `fastdp` (kernel) or `sleeve` (userspace); a sleeve line ends with why
+    it is not on fastdp, in parentheses."""
     lines = []
     for conn in report.get("Connections") or []:
         arrow = "->" if conn["Outbound"] else "<-"
         attrs = conn.get("Attrs") or {}
-        extra = " ".join(f"{k}={_attr(v)}" for k, v in sorted(attrs.items()) if k not in ("name", "encrypted"))
-        line = f"{arrow} {conn['Address']:<21} {conn['State']:<11} {conn['Info']} {extra}"
+        hidden = ("name", "encrypted", "fallback")
+        extra = " ".join(f"{k}={_attr(v)}" for k, v in sorted(attrs.items()) if k not in hidden)
+        why = f" ({attrs['fallback']})" if attrs.get("fallback") else ""
+        line = f"{arrow} {conn['Address']:<21} {conn['State']:<11} {conn['Info']} {extra}".rstrip() + why
         lines.append(line.rstrip())
     return "".join(line + "\n" for line in lines)
 

@@ -171,6 +171,7 @@ class Intro:
     trusted: bool  # whether the *sender* trusts the receiver's address (--trusted-subnets)
     overlays: tuple[str, ...] = ()  # datapaths the sender can run, most preferred first
     data_port: int = 0  # the sender's datapath UDP port; 0 = it runs no datapath
+    kernel_port: int = 0  # the sender's kernel fast path (VXLAN) UDP port; 0 = it offers none
 
 
 def encode_intro(intro: Intro) -> bytes:
@@ -184,6 +185,7 @@ def encode_intro(intro: Intro) -> bytes:
             "trusted": intro.trusted,
             "overlays": list(intro.overlays),
             "data_port": intro.data_port,
+            "kernel_port": intro.kernel_port,
         },
         use_bin_type=True,
     )
@@ -216,6 +218,7 @@ def decode_intro(data: bytes) -> Intro:
         trusted=_bool(fields["trusted"], "intro trusted"),
         overlays=tuple(_short_text(o, "overlay name", 32) for o in overlays),
         data_port=_uint(fields.get("data_port", 0), "intro data_port", 65535),
+        kernel_port=_uint(fields.get("kernel_port", 0), "intro kernel_port", 65535),
     )
 
 

@@ -29,9 +29,9 @@ def underlay_mtu() -> int:
     return max(mtus, default=FALLBACK_UNDERLAY_MTU)
 
 
-def overlay_mtu(override: int | None = None, *, encrypted: bool) -> int:
+def overlay_mtu(override: int | None = None, *, encrypted: bool, underlay: int | None = None) -> int:
     """The overlay MTU: the override, or what the underlay carries after the datapath's encapsulation
     (its own figure: outer headers, our header, and the AEAD tag when encrypted)."""
     if override is not None:
         return override
-    return max(MIN_MTU, datapath_overlay_mtu(underlay_mtu(), encrypted))
+    return max(MIN_MTU, datapath_overlay_mtu(underlay if underlay is not None else underlay_mtu(), encrypted))

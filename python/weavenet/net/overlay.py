@@ -17,7 +17,7 @@ import trio
 from pyroute2 import IPRoute
 
 from weavenet._fastdp import Datapath
-from weavenet.net import bridge, firewall, sysctl
+from weavenet.net import bridge, firewall, sysctl, vxlan
 
 if TYPE_CHECKING:
     from weavenet.mesh.connection import Connection
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 TAP_NAME = "weave-dp"
 TAP_MTU = 65000  # the TAP takes any frame: oversize packets must reach the datapath to be answered
-OVERLAY_NAME = "fastdp"
 
 
 def split_host(address: str) -> str:
@@ -64,6 +63,7 @@ class Overlay:
                 index = bridge.link_index(ipr, TAP_NAME)
                 master = bridge.link_index(ipr, bridge.BRIDGE_NAME)
                 ipr.link("set", index=index, master=master, mtu=TAP_MTU, state="up")
+            vxlan.isolate_port(TAP_NAME)  # never a frame between the TAP and the kernel path's port
         except BaseException:
             datapath.close()
             raise
@@ -84,8 +84,9 @@ class Overlay:
             return
         keys = conn.channel.data_keys if conn.untrusted else None
         datapath.set_peer(peer, split_host(conn.remote_address), conn.intro.data_port, keys)
+        # The path's name (fastdp or sleeve) is the kernel path's to say (net/kernel_path.py).
         self.router.set_connection_attrs(
-            conn.remote_name, {"name": OVERLAY_NAME, "encrypted": keys is not None, "mtu": self.mtu}
+            conn.remote_name, {**conn.attrs, "encrypted": keys is not None, "mtu": self.mtu}
         )
 
     def _on_routes(self, routes: Routes) -> None:

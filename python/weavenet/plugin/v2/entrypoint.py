@@ -107,7 +107,9 @@ def check_host(plan: Plan, env: Mapping[str, str]) -> None:
             message = str(exc).removeprefix("--ipalloc-range: ")
             raise ConfigError("--ipalloc-range", message, "IPALLOC_RANGE") from None
     if settings.datapath and not TUN.exists():
-        raise ConfigError("/dev/net/tun", "missing: the datapath needs it (config.json devices); --no-fastdp avoids it")
+        raise ConfigError(
+            "/dev/net/tun", "missing: the datapath needs it (config.json devices); --no-datapath avoids it"
+        )
     _check_port_free(socket.SOCK_STREAM, settings.host, settings.port, "--port", "mesh (TCP)")
     if settings.datapath:
         _check_port_free(socket.SOCK_DGRAM, settings.host, settings.port, "--port", "data (UDP)")
