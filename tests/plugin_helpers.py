@@ -38,7 +38,7 @@ from typing import Any
 from tests.lab import Host
 from weavenet.api.client import ApiClient, ApiUnreachable, UnixHTTPConnection
 from weavenet.config import HttpAddress
-from weavenet.net import firewall
+from weavenet.net import firewall, vxlan
 
 WEAVENET = str(Path(sys.executable).with_name("weavenet"))
 SPEC_DIR = Path("/etc/docker/plugins")
@@ -536,11 +536,25 @@ class DockerRouter:
             remove_docker_objects(self.tag)
         finally:
             try:
-                self.stop()
+                code = self.stop()  # the exit code of a router a test killed before, too
                 for spec in self.spec_files:
                     spec.unlink(missing_ok=True)
+                self._kernel_path_gone(clean=code == 0)
             finally:
                 self.lock.release()
+
+    def _kernel_path_gone(self, *, clean: bool) -> None:
+        """A router that stopped cleanly removed its VXLAN port and firewall chain itself; one a test
+        killed left them, and the next router on this host would sweep them: the test does it now, so
+        no later test depends on a router starting after this one."""
+        device = vxlan.device_name(self.port + 1)  # --kernel-port defaults to --port + 1
+        if clean:
+            left = (Path("/sys/class/net") / device).exists()
+            assert not left, f"router {self.tag} stopped cleanly but left {device}"
+        else:
+            vxlan.close_device(self.port + 1)
+            if not weavenet_routers():  # the chain's name is the host's, not this router's
+                firewall.close_kernel_port()
 
 
 def docker_objects(tag: str) -> list[tuple[str, str, str]]:

@@ -78,14 +78,14 @@ def mac_of(container: Container, ifname: str = "ethwe0") -> str:
     return match.group(1)
 
 
-def fdb_lines(host: Host) -> list[str]:
-    return host.run(["bridge", "fdb", "show", "dev", vxlan.device_name(KERNEL_PORT)], check=False).stdout.splitlines()
+def fdb_lines(host: Host, port: int = KERNEL_PORT) -> list[str]:
+    return host.run(["bridge", "fdb", "show", "dev", vxlan.device_name(port)], check=False).stdout.splitlines()
 
 
-def local_macs() -> set[str]:
+def local_macs(port: int = KERNEL_PORT) -> set[str]:
     """The MACs on this namespace's bridge, as the router reads them (run with Host.call)."""
     with IPRoute() as ipr:
-        return vxlan.local_macs(ipr, {"weave-dp", vxlan.device_name(KERNEL_PORT)})
+        return vxlan.local_macs(ipr, {"weave-dp", vxlan.device_name(port)})
 
 
 def kernel_rules(host: Host) -> tuple[list[str], list[str]]:
@@ -298,27 +298,33 @@ def test_kill_9_and_restart_leaves_no_stale_or_duplicate_entries_and_traffic_res
     assert vxlan.device_name(KERNEL_PORT) in h1.links(), "kill -9 leaves the device for the next start"
     wait_until(lambda: not any(h1.address in line for line in fdb_lines(h2)), timeout=40,
                message="h2 to unpin h1's MACs once the connection is gone")  # fmt: skip
-    restarted = LabRouter(h1, [], name="weavenet-restarted", extra=("--ipalloc-init", "consensus=2"))
+    # on another kernel port: the killed router's device is still swept, whatever its port
+    moved = KERNEL_PORT + 10
+    restarted = LabRouter(h1, [], name="weavenet-restarted", extra=("--ipalloc-init", "consensus=2",
+                                                                    "--kernel-port", str(moved)))  # fmt: skip
     restarted.wait_ready()
+    wait_until(lambda: vxlan.device_name(moved) in h1.links(), timeout=20, message="the new router's device")
+    assert vxlan.device_name(KERNEL_PORT) not in h1.links(), "the killed router's device was not swept"
     routers = [restarted, routers[1]]
     wait_until(lambda: full_mesh(routers), timeout=60, message="the restarted router to rejoin")
     wait_all_on(routers, "fastdp")
     wait_until(lambda: pings(c1, ip2) and pings(c2, ip1), timeout=20, message="traffic to resume")
     pinger.stop()
-    for me, other in ((h1, h2), (h2, h1)):
-        selfs = [line for line in fdb_lines(me) if " self " in line]
+    for me, my_port, other, their_port in ((h1, moved, h2, KERNEL_PORT), (h2, KERNEL_PORT, h1, moved)):
+        selfs = [line for line in fdb_lines(me, my_port) if " self " in line]
         macs = Counter(line.split()[0] for line in selfs)
         assert set(macs.values()) == {1}, f"{me.label}: duplicate entries {macs}"
         assert all(f"dst {other.address} " in line for line in selfs), f"{me.label}: stale entries {selfs}"
-        their_macs = other.call(local_macs)
-        wait_until(lambda me=me, their_macs=their_macs: their_macs <= {line.split()[0] for line in fdb_lines(me)},
+        their_macs = other.call(lambda their_port=their_port: local_macs(their_port))
+        wait_until(lambda me=me, my_port=my_port, their_macs=their_macs:
+                   their_macs <= {line.split()[0] for line in fdb_lines(me, my_port)},
                    timeout=10, message=f"{me.label} to pin {other.label}'s MACs {their_macs}")  # fmt: skip
         rules, jumps = kernel_rules(me)
         assert rules == [f"-A WEAVENET-KERNEL -s {other.address}/32 -j ACCEPT", "-A WEAVENET-KERNEL -j DROP"], rules
         assert len(jumps) == 1, jumps
     restarted.cli("stop")
     restarted.process.wait(timeout=20)
-    assert vxlan.device_name(KERNEL_PORT) not in h1.links()
+    assert not {vxlan.device_name(KERNEL_PORT), vxlan.device_name(moved)} & set(h1.links())
     assert kernel_rules(h1) == ([], [])
     # weavenet reset also clears what a killed router left behind
     routers[1].process.kill(signal.SIGKILL)

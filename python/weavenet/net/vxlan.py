@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -57,10 +58,12 @@ def _require(ipr: IPRoute, ifname: str) -> int:
 
 
 def open_device(port: int, *, mtu: int, local: str | None = None, bridge: str = BRIDGE_NAME) -> int:
-    """A fresh device on the bridge (a stale one, with whatever entries a killed router left, is
-    deleted first). Returns its index. PortInUse if the UDP port is taken."""
+    """A fresh device on the bridge (stale ones, with whatever entries a killed router left, on this
+    port or another, are deleted first). Returns its index. PortInUse if the UDP port is taken."""
     name = device_name(port)
-    close_device(port)
+    for stale in {port, *stale_devices(bridge=bridge)}:
+        if close_device(stale) and stale != port:
+            log.info("kernel path: removed %s, left by a router that was killed", device_name(stale))
     spec: dict[str, object] = {"vxlan_id": VNI, "vxlan_port": port, "vxlan_learning": 0, "vxlan_df": 1}
     if local:
         spec["vxlan_local"] = local
@@ -100,20 +103,27 @@ def close_device(port: int) -> bool:
     return True
 
 
+def _our_vni(link: Any) -> bool:  # a pyroute2 ifinfmsg
+    info = link.get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = info.get_attr("IFLA_INFO_DATA")
+    return data is not None and data.get_attr("IFLA_VXLAN_ID") == VNI
+
+
 def stale_devices(*, bridge: str = BRIDGE_NAME) -> list[int]:
-    """Ports of our VXLAN devices on the bridge (for `weavenet reset` after a killed router)."""
+    """Ports of our VXLAN devices (our name and VNI) on the bridge or on no bridge: what a killed
+    router left, whatever port it used. A new router sweeps them before it opens its own (one bridge,
+    one router per namespace), and `weavenet reset` does too. A device of our VNI on another bridge is
+    someone else's and stays."""
     found = []
     with IPRoute() as ipr:
         bridge_index = link_index(ipr, bridge)
         for link in ipr.get_links():
             name = str(link.get_attr("IFLA_IFNAME"))
             tail = name.removeprefix(DEVICE_PREFIX)
-            if (
-                tail != name
-                and tail.isdigit()
-                and bridge_index is not None
-                and link.get_attr("IFLA_MASTER") == bridge_index
-            ):
+            master = link.get_attr("IFLA_MASTER")
+            if tail != name and tail.isdigit() and master in (None, bridge_index) and _our_vni(link):
                 found.append(int(tail))
     return found
 
