@@ -1,10 +1,11 @@
 """`weavenet demo`: a three-host weavenet on this machine, shown working, then removed.
 
 Each "host" is a network namespace on a private underlay (a bridge in its own namespace); a real
-router runs in each with a password, a "container" namespace on each is attached through the
-router's API, and the demo prints what an operator would look at: status, ps, pings across hosts
-and an iperf3 throughput figure. Everything it creates is named `wndemo<hex>-...` and removed at
-the end, also when interrupted. It never touches the machine's own network.
+router runs in each (with a password unless --no-password, which puts the peers on the kernel
+path), a "container" namespace on each is attached through the router's API, and the demo prints
+what an operator would look at: status, ps, pings across hosts and an iperf3 throughput figure.
+Everything it creates is named `wndemo<hex>-...` and removed at the end, also when interrupted.
+It never touches the machine's own network.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pyroute2 import IPRoute, netns
 
 from weavenet.api.client import ApiClient, ApiUnreachable
 from weavenet.config import HttpAddress
+from weavenet.net.kernel_path import NO_ROUTE, STARTING, WAITING
 
 PASSWORD = "weavenet demo password"
 
@@ -169,6 +171,14 @@ class Demo:
                 established = [c for c in peer.get("Connections", []) if c.get("Established")]
                 if len(established) != len(self.hosts) - 1:
                     return False
+            # Each peer on the path it keeps: fastdp once the kernel heartbeats pass (plain), or sleeve
+            # for good (encrypted). Every host is a direct neighbour, so a relay is passing too.
+            kernel_peers = (report.get("KernelPath") or {}).get("Peers") or {}
+            if len(kernel_peers) != len(self.hosts) - 1:
+                return False
+            passing = (STARTING, WAITING, NO_ROUTE)
+            if any(p["Reason"] in passing or (p["Reason"] or "").startswith("relayed") for p in kernel_peers.values()):
+                return False
         return True
 
     def attach_containers(self) -> None:
@@ -266,7 +276,7 @@ class Demo:
         print(f"weavenet demo: {len(self.hosts)} hosts on the underlay {self.subnet}.0/24 (namespaces {self.prefix}-*)")
         self.build_underlay()
         self.launch_routers()
-        _wait("the routers to form a mesh with working datapaths", self._mesh_complete, timeout=45)
+        _wait("a mesh with working datapaths, each peer on its path", self._mesh_complete, timeout=45)
         print(f"mesh of {len(self.hosts)} routers up after {time.monotonic() - started:.1f}s")
         self.attach_containers()
         self.show("weavenet status (host1)", self.hosts[0].api.request("GET", "/status").text)

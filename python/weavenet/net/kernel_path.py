@@ -63,6 +63,8 @@ LOCAL_RESYNC = 30.0  # and the table is re-read this often even without events
 VERIFY_INTERVAL = 30.0  # compare what is pinned with the device itself this often
 RETRY_OPEN = 10.0  # a port in use is tried again this often
 COUNTERS_FRESH = 0.5  # counters read less than this long ago are not read again
+# Passing states, not verdicts: the path is being set up, or the mesh's routes are not computed yet
+STARTING, WAITING, NO_ROUTE = "kernel path starting", "waiting for kernel heartbeat", "no route"
 REASONS_OFF = {"heartbeat", "relayed", "unavailable"}  # the ways a fastdp peer can leave it (always exported)
 
 
@@ -247,14 +249,14 @@ class KernelPath:
         elif not self.enabled:
             candidate, reason, kind = False, self.problem, "disabled"
         elif not self.open:
-            candidate, reason, kind = False, self.problem or "kernel path starting", "unavailable"
+            candidate, reason, kind = False, self.problem or STARTING, "unavailable"
         elif not path.remote.port:
             candidate, reason, kind = False, "peer offers no kernel path", "peer"
         elif not _is_ipv4(path.remote.address):
             candidate, reason, kind = False, "not an IPv4 underlay (the kernel path is IPv4 only)", "peer"
         elif hop != path.conn.remote_name:
             via = self._nickname(hop) if hop is not None else None
-            candidate, reason, kind = False, f"relayed via {via}" if via else "no route", "relayed"
+            candidate, reason, kind = False, f"relayed via {via}" if via else NO_ROUTE, "relayed"
         else:
             candidate, reason, kind = True, "", ""
         up = candidate and self._heartbeats_pass(path, now)
@@ -264,7 +266,7 @@ class KernelPath:
             if path.lost_at is not None:
                 reason, kind = f"kernel heartbeat timed out {now - path.lost_at:.0f} s ago", "heartbeat"
             else:
-                reason, kind = "waiting for kernel heartbeat", "waiting"
+                reason, kind = WAITING, "waiting"
         if path.up and not up:
             log.info("%s: kernel path down: sleeve (%s)", path.conn, reason)
             self.stats.fallbacks[kind] += 1
